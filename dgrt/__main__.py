@@ -1,0 +1,5 @@
+import sys
+
+from dgrt.cli import main
+
+sys.exit(main())

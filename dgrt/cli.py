@@ -1,0 +1,127 @@
+"""The `dgrt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dgrt import __version__
+from dgrt.errors import DgrtError
+
+
+def _cmd_tiny(args: argparse.Namespace) -> None:
+    from dgrt.tiny import write_tiny
+
+    out = write_tiny(args.out_dir, preset=args.preset, seed=args.seed, force=args.force)
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from dgrt.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(args.checkpoint)
+    cfg = ckpt.config
+    kinds = "".join("S" if s.is_sliding else "F" for s in cfg.layers)
+    print(f"checkpoint     {ckpt.path}")
+    print(f"text tensors   {len(ckpt.tensors)} ({ckpt.weight_bytes / 2**20:.1f} MiB, {ckpt.dtype})")
+    print(f"layers         {cfg.num_layers} ({kinds}), sliding window {cfg.sliding_window}")
+    print(f"hidden         {cfg.hidden_size}, vocab {cfg.vocab_size}, canvas {cfg.canvas_length}")
+    for kind, spec in (("sliding", next((s for s in cfg.layers if s.is_sliding), None)), ("full", cfg.layers[-1])):
+        if spec is not None:
+            print(f"{kind:<14} {cfg.num_attention_heads} heads x {spec.head_dim}, {spec.num_kv_heads} KV heads")
+    print(f"experts        {cfg.num_experts} (top {cfg.top_k_experts}), expert width {cfg.moe_intermediate_size}")
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of fn over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from dgrt.checkpoint import Checkpoint, load_model
+    from dgrt.runtime.tokenizer import Tokenizer
+    from dgrt.tiny import write_tiny
+
+    with tempfile.TemporaryDirectory(prefix="dgrt-demo-") as tmp:
+        t0 = time.perf_counter()
+        path = write_tiny(Path(tmp) / args.preset, preset=args.preset, seed=0)
+        ckpt = Checkpoint.open(path)
+        model = load_model(ckpt)
+        tok = Tokenizer.from_dir(path)
+        print(f"made the '{args.preset}' random checkpoint and loaded it in {time.perf_counter() - t0:.2f} s")
+
+        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": args.prompt}])])
+        cfg = ckpt.config
+        b, p, c = ids.shape[0], ids.shape[1], cfg.canvas_length
+        positions = torch.arange(p)[None]
+        canvas = torch.randint(0, cfg.vocab_size, (b, c), generator=torch.Generator().manual_seed(0))
+        canvas_positions = torch.arange(p, p + c)[None]
+        soft = torch.zeros(b, c, cfg.hidden_size)
+        with torch.inference_mode():
+            past = model.prefill(ids, positions, model.empty_past(b))
+            logits = model.denoise(canvas, soft, canvas_positions, past)
+            t_pre = _median_time(lambda: model.prefill(ids, positions, model.empty_past(b)), args.repeats)
+            t_den = _median_time(lambda: model.denoise(canvas, soft, canvas_positions, past), args.repeats)
+
+    print(f"prompt         {args.prompt!r} -> {p} tokens with the chat template")
+    print(f"prefill        input_ids {list(ids.shape)} -> {len(past)} layers of K/V, "
+          f"layer 0 K {list(past[0][0].shape)}, last layer K {list(past[-1][0].shape)}")
+    print(f"denoise        canvas {list(canvas.shape)} + soft {list(soft.shape)} -> logits {list(logits.shape)}")
+    print(f"draft          {tok.decode(logits.argmax(-1)[0].tolist())!r} (random weights: noise)")
+    print(f"timing         torch CPU, {torch.get_num_threads()} threads, median (min-max) of {args.repeats} "
+          "runs after a warm-up")
+    for name, (med, lo, hi) in (("prefill", t_pre), ("denoise step", t_den)):
+        print(f"  {name:<13} {med * 1e3:8.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgrt", description="Export, build and run DiffusionGemma models.")
+    parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from dgrt.tiny import PRESETS
+
+    p = sub.add_parser("demo", help="make a small random checkpoint and run its prefill and one denoise step")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--prompt", default="Reverse the string 'diffusion'.")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per graph (default 5)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_tiny)
+
+    p = sub.add_parser("inspect", help="validate a checkpoint folder and summarise its text model")
+    p.add_argument("checkpoint", type=Path)
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DgrtError as e:
+        print(f"dgrt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Writing outputs so that a crash never leaves a half-written result that looks valid."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dgrt.errors import DgrtError
+
+
+@contextmanager
+def atomic_dir(out_dir: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by a rename.
+
+    An existing non-empty `out_dir` is refused unless `force`. On any error the temporary folder is
+    removed and `out_dir` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DgrtError(f"{out_dir}: exists and is not a directory.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise DgrtError(f"{out_dir}: already exists and is not empty (pass --force to replace it).")
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise DgrtError(f"{out_dir}: cannot write here ({e.strerror}).") from None
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

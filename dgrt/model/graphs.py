@@ -1,0 +1,126 @@
+"""The text model and its two graphs, prefill and denoise, over one set of weights.
+
+* prefill (the "encoder" role): causal over the new tokens, reads the past K/V, returns the new tokens'
+  K/V per layer. Runs over the prompt, then over every finished canvas at the decoder's positions.
+* denoise (the "decoder" role): bidirectional over the canvas, reads the past K/V without writing it,
+  takes the self-conditioning soft embeddings, returns fp32 softcapped logits.
+
+The past K/V of each layer is [B, kv_heads, P, head_dim]; P may differ between layers (a sliding layer's
+past may hold the whole history or only its last sliding_window - 1 tokens: the masks count slots back
+from the end, so both give the same result). Positions are explicit inputs, used for RoPE only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dgrt.config import ModelConfig
+from dgrt.model.layers import Layer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class DiffusionGemma(nn.Module):
+    """The DiffusionGemma text stack. Parameter names are the checkpoint's `model.decoder.*` keys."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # also the LM head (tied)
+        self.layers = nn.ModuleList(Layer(cfg, spec) for spec in cfg.layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        for layer_type, rope in cfg.rope.items():
+            head_dim = next(s.head_dim for s in cfg.layers if s.layer_type == layer_type)
+            self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(rope, head_dim), persistent=False)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        # embed_scale is rounded to the weight dtype before the multiply, as in transformers.
+        return self.embed_tokens(ids) * torch.tensor(self.config.embed_scale).to(w.dtype)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {lt: rope_cos_sin(getattr(self, f"inv_freq_{lt}"), position_ids, dtype) for lt in self.config.rope}
+
+    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list[KV]) -> list[KV]:
+        """K/V of the new tokens [B, S] at positions [B, S], for every layer."""
+        x = self._embed(input_ids)
+        rope = self._rope(position_ids, x.dtype)
+        new: list[KV] = []
+        last = len(self.layers) - 1
+        for i, (layer, (past_k, past_v)) in enumerate(zip(self.layers, past, strict=True)):
+            cos, sin = rope[layer.spec.layer_type]
+            if i == last:  # the last layer's output feeds no cache: skip its attention and MLPs
+                new.append(layer.key_value(x, cos, sin))
+            else:
+                x, k, v = layer(x, cos, sin, past_k, past_v, causal=True)
+                new.append((k, v))
+        return new
+
+    def denoise(
+        self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor, position_ids: torch.Tensor, past: list[KV]
+    ) -> torch.Tensor:
+        """fp32 softcapped logits [B, C, V] for the canvas, given the previous step's soft embeddings."""
+        x = self.self_conditioning(self._embed(canvas_ids), soft_embeds)
+        rope = self._rope(position_ids, x.dtype)
+        for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
+            x, _, _ = layer(x, *rope[layer.spec.layer_type], past_k, past_v, causal=False)
+        logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def soft_embeddings(self, processed_logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input for the next step: softmax(logits / T) @ E * embed_scale, [B, C, H].
+
+        `processed_logits` are the step's logits divided by its temperature. As in transformers, the
+        probabilities are computed in fp32 from logits rounded to the weight dtype, then cast to it.
+        """
+        w = self.embed_tokens.weight
+        probs = torch.softmax(processed_logits.to(w.dtype), dim=-1, dtype=torch.float32).to(w.dtype)
+        return torch.matmul(probs, w) * torch.tensor(self.config.embed_scale).to(w.dtype)
+
+    def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[KV]:
+        """Zero-length past K/V for every layer."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        return [
+            (
+                torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device),
+                torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device),
+            )
+            for s in self.config.layers
+        ]
+
+
+def _pairs(flat: tuple[torch.Tensor, ...]) -> list[KV]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+class Prefill(nn.Module):
+    """The prefill graph with a flat signature: (input_ids, position_ids, past_k_0, past_v_0, ...) ->
+    (new_k_0, new_v_0, ...)."""
+
+    def __init__(self, model: DiffusionGemma):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        new = self.model.prefill(input_ids, position_ids, _pairs(past))
+        return tuple(t for kv in new for t in kv)
+
+
+class Denoise(nn.Module):
+    """The denoise graph with a flat signature: (canvas_ids, soft_embeds, position_ids, past_k_0,
+    past_v_0, ...) -> logits."""
+
+    def __init__(self, model: DiffusionGemma):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past))

@@ -1,0 +1,258 @@
+"""The building blocks of the DiffusionGemma text stack, written for export.
+
+Every shape is static or follows from input shapes (no data-dependent shapes, no Python-side state), masks
+are explicit, and the MoE is a dense formulation. Parameter names follow the checkpoint's decoder keys, so a
+state dict maps onto them one to one (see dgrt.checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgrt.config import LayerSpec, ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: computed in fp32, `x * (mean(x^2) + eps)^-0.5 * w` (w, not 1 + w), cast back."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # torch.pow, not rsqrt: the same op transformers uses, so the rounding matches.
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies exactly as transformers computes them (same fp32 ops, same order).
+
+    Always real CPU tensors, also while a model is being built on the meta device: they are not weights.
+    """
+    cpu = torch.device("cpu")
+    if rope.rope_type == "default":
+        return 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=cpu) / head_dim))
+    rotated = int(rope.partial_rotary_factor * head_dim // 2)
+    exponents = torch.arange(0, 2 * rotated, 2, dtype=torch.int64, device=cpu).float() / head_dim
+    zeros = torch.zeros(head_dim // 2 - rotated, device=cpu)
+    inv_freq = torch.cat([1.0 / (rope.theta**exponents), zeros])
+    return inv_freq / rope.factor
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, S, head_dim] for integer positions [B, S]."""
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, heads, D]; cos/sin: [B, S, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask(
+    num_queries: int, past_len: torch.Tensor | int, window: int | None, causal: bool
+) -> torch.Tensor:
+    """Boolean [S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
+
+    Causal (prefill): query i sees past and new keys up to itself; with a window W, only keys less than W
+    slots behind it. Bidirectional (denoise): every query sees the whole canvas; with a window W, only the
+    last W - 1 past keys. Distances are counted in cache slots, so the past may hold the whole history or
+    just its last W - 1 tokens: both give the same result.
+    """
+    q = torch.arange(num_queries) + past_len
+    k = torch.arange(past_len + num_queries)
+    if causal:
+        visible = k[None, :] <= q[:, None]
+        if window is not None:
+            visible = visible & (k[None, :] > q[:, None] - window)
+        return visible
+    oldest = 0 if window is None else past_len - (window - 1)
+    return (k >= oldest)[None, :].expand(num_queries, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.head_dim = spec.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = spec.num_kv_heads
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False) if spec.has_v_proj else None
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+
+    def key_value(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the tokens in h, [B, kv_heads, S, D]: what the cache stores."""
+        b, s, _ = h.shape
+        raw_k = self.k_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
+        # Full layers have no v_proj: the value is the raw k_proj output (before k_norm and RoPE).
+        raw_v = raw_k if self.v_proj is None else self.v_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(raw_k), cos, sin)
+        return k.transpose(1, 2), self.v_norm(raw_v).transpose(1, 2)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attend from h's tokens to keys/values [B, kv_heads, T, D] under a boolean mask [S, T]."""
+        b, s, _ = h.shape
+        q = apply_rope(self.q_norm(self.q_proj(h).view(b, s, self.num_heads, self.head_dim)), cos, sin)
+        # GQA without repeating K/V: group the query heads that share a KV head.
+        groups = self.num_heads // self.num_kv_heads
+        q = q.transpose(1, 2).reshape(b, self.num_kv_heads, groups, s, self.head_dim)
+        scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2))  # scaling is 1.0 in Gemma 4
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values[:, :, None])  # [B, kv, groups, S, D]
+        out = out.reshape(b, self.num_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.root_size = cfg.hidden_size**-0.5
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense routing weights [N, E]: zero except the renormalised, per-expert-scaled top-k."""
+        scores = self.proj(self.norm(x) * self.scale * self.root_size)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        top_w, top_i = torch.topk(probs, k=self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True) * self.per_expert_scale[top_i]
+        return torch.zeros_like(probs).scatter(-1, top_i, top_w)
+
+
+class Experts(nn.Module):
+    """All experts as 3-D weights; computed densely and mixed by the routing matrix (static shapes)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.intermediate = i
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate = first i rows, up = last i
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        gate_up = torch.einsum("nh,eoh->eno", x, self.gate_up_proj)
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        out = torch.einsum("eni,ehi->enh", gelu_tanh(gate) * up, self.down_proj)
+        return torch.einsum("ne,enh->nh", routing, out.float()).to(x.dtype)
+
+
+class Layer(nn.Module):
+    """One transformer layer. Prefill and denoise share every weight but the final layer scalar."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.spec = spec
+        self.window = cfg.sliding_window if spec.is_sliding else None
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "post_feedforward_layernorm_1",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(h, eps))
+        # Not tied between roles: the decoder's scalar and the encoder's (prefill) scalar.
+        self.layer_scalar = nn.Parameter(torch.ones(1))
+        self.encoder_layer_scalar = nn.Parameter(torch.ones(1))
+
+    def key_value(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the K/V this layer writes to the cache for x (what prefill needs of the last layer)."""
+        return self.self_attn.key_value(self.input_layernorm(x), cos, sin)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer output, K, V) for x's tokens attending to the past keys and to each other."""
+        h = self.input_layernorm(x)
+        k, v = self.self_attn.key_value(h, cos, sin)
+        mask = attention_mask(x.shape[1], past_k.shape[2], self.window, causal)
+        keys = torch.cat([past_k, k], dim=2)
+        values = torch.cat([past_v, v], dim=2)
+        x = x + self.post_attention_layernorm(self.self_attn(h, cos, sin, keys, values, mask))
+
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        # The router reads the raw residual; the experts read its pre_feedforward_layernorm_2.
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), self.router(flat))
+        moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
+        x = x + self.post_feedforward_layernorm(dense + moe)
+        return x * (self.encoder_layer_scalar if causal else self.layer_scalar), k, v
+
+
+class SelfConditioning(nn.Module):
+    """Adds the previous step's soft embeddings to the canvas embeddings: post_norm(e + MLP(pre_norm(soft)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.pre_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(h, cfg.rms_norm_eps, with_scale=False)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        n = self.pre_norm(soft)
+        return self.post_norm(embeds + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n)))

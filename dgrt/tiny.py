@@ -1,0 +1,199 @@
+"""Complete Hugging Face-layout DiffusionGemma checkpoints with random weights, for tests and demos.
+
+`write_tiny(out_dir, preset, seed)` writes config.json (with the smallest vision_config transformers
+accepts), generation_config.json (with EOS and pad ids), model.safetensors and a character-level tokenizer
+with a Gemma-style chat template, sized to the vocabulary. No transformers needed.
+
+Random weights follow REFERENCE.md's traps: every norm, router scale, per-expert scale and layer scalar
+is randomised, encoder and decoder layer scalars differ, and matrices have a small gain so that whole
+generations are not chaotic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from dgrt.checkpoint import expected_tensors
+from dgrt.config import FULL, SLIDING, ModelConfig
+from dgrt.fsutil import atomic_dir
+
+S, F = SLIDING, FULL
+
+# The text_config of each preset; canvas_length and max_new_tokens ride along.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Every text feature, small enough to build in milliseconds (REFERENCE.md's tiny config).
+    "tiny": dict(
+        text=dict(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            layer_types=[S, F, S, F], num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            global_head_dim=32, num_global_key_value_heads=1, sliding_window=8,
+            num_experts=4, top_k_experts=2, moe_intermediate_size=32, max_position_embeddings=4096,
+        ),
+        canvas_length=16,
+    ),
+    # A little larger: the demo's default model until a trained one ships.
+    "small": dict(
+        text=dict(
+            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+            layer_types=[S, S, F, S, S, F], num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            global_head_dim=64, num_global_key_value_heads=1, sliding_window=24,
+            num_experts=8, top_k_experts=2, moe_intermediate_size=64, max_position_embeddings=4096,
+        ),
+        canvas_length=32,
+    ),
+    # REFERENCE.md's CPU timing config: 77M parameters, canvas 256.
+    "bench": dict(
+        text=dict(
+            vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+            layer_types=[S, S, S, S, S, F, S, F], num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+            global_head_dim=128, num_global_key_value_heads=2, sliding_window=512,
+            num_experts=4, top_k_experts=2, moe_intermediate_size=512, max_position_embeddings=8192,
+        ),
+        canvas_length=256,
+    ),
+}
+
+# The smallest vision tower transformers builds (REFERENCE.md); without one it builds a 167M default.
+VISION_CONFIG = {
+    "model_type": "gemma4_vision", "hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 0,
+    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 4, "position_embedding_size": 1,
+    "patch_size": 1, "pooling_kernel_size": 1,
+}
+ROPE_PARAMETERS = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+# Character-level vocabulary: specials, then newline, space and printable ASCII, then unused slots; the
+# last three ids are the image tokens every DiffusionGemma config names.
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+PAD_ID, EOS_ID, BOS_ID, UNK_ID, START_TURN_ID, END_TURN_ID = range(6)
+CHARS = ["\n", " "] + [chr(c) for c in range(33, 127)]
+IMAGE_TOKENS = ["<end_of_image>", "<start_of_image>", "<image_soft_token>"]  # ids V-3, V-2, V-1
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GENERATION_DEFAULTS = {
+    "max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8,
+    "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+    "stability_threshold": 1, "confidence_threshold": 0.005,
+}
+
+
+def preset_config(preset: str) -> dict[str, Any]:
+    """The config.json content of a preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    vocab = p["text"]["vocab_size"]
+    text = dict(
+        p["text"],
+        rope_parameters=ROPE_PARAMETERS,
+        final_logit_softcapping=30.0,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        tie_word_embeddings=True,
+        model_type="diffusion_gemma_text",
+    )
+    return {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "model_type": "diffusion_gemma",
+        "text_config": text,
+        "vision_config": dict(VISION_CONFIG),
+        "canvas_length": p["canvas_length"],
+        "image_token_id": vocab - 1,
+        "boi_token_id": vocab - 2,
+        "eoi_token_id": vocab - 3,
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
+
+
+def random_weights(cfg: ModelConfig, seed: int, gain: float = 0.5) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> random tensor for every text tensor, deterministic in `seed`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+    out = {}
+    for key, (name, shape) in sorted(expected_tensors(cfg).items()):
+        if name.endswith("encoder_layer_scalar"):
+            t = uniform(shape, 0.9, 0.95)
+        elif name.endswith("layer_scalar"):
+            t = uniform(shape, 1.1, 1.15)
+        elif name.endswith("per_expert_scale"):
+            t = uniform(shape, 0.5, 1.5)
+        elif len(shape) == 1:  # every RMSNorm weight and router.scale
+            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
+        else:  # matrices, expert stacks and the embedding: fan-in is the last dimension
+            t = gain * torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        out[key] = t.contiguous()
+    return out
+
+
+def vision_weights(hidden_size: int) -> dict[str, torch.Tensor]:
+    """The three tensors of the smallest vision tower (unused for text, required by transformers)."""
+    return {
+        "model.encoder.vision_tower.patch_embedder.input_proj.weight": torch.zeros(4, 3),
+        "model.encoder.vision_tower.patch_embedder.position_embedding_table": torch.ones(2, 1, 4),
+        "model.encoder.embed_vision.embedding_projection.weight": torch.zeros(hidden_size, 4),
+    }
+
+
+def tokenizer_json(vocab_size: int) -> str:
+    """A character-level `tokenizers` tokenizer covering exactly `vocab_size` ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    fixed = len(SPECIALS) + len(CHARS) + len(IMAGE_TOKENS)
+    if vocab_size < fixed:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the character tokenizer (needs >= {fixed})")
+    unused = [f"<unused{i}>" for i in range(vocab_size - fixed)]
+    tokens = SPECIALS + CHARS + unused + IMAGE_TOKENS
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS + IMAGE_TOKENS)
+    return tok.to_str(pretty=False)
+
+
+def write_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
+    """Write a complete random checkpoint folder; returns its path."""
+    config = preset_config(preset)
+    cfg = ModelConfig.from_dict(config)
+    weights = random_weights(cfg, seed) | vision_weights(cfg.hidden_size)
+    canvas = config["canvas_length"]
+    generation = dict(
+        GENERATION_DEFAULTS,
+        max_new_tokens=3 * canvas,
+        eos_token_id=[EOS_ID, END_TURN_ID],
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+    )
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "model_max_length": cfg.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    with atomic_dir(Path(out_dir), force=force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(tokenizer_json(cfg.vocab_size))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "dgrt_preset": preset})
+    return Path(out_dir)
