@@ -109,9 +109,7 @@ class Checkpoint:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(
-            torch.finfo(FLOAT_DTYPES[t.dtype]).bits // 8 * _numel(t.shape) for t in self.tensors.values()
-        )
+        return sum(torch.finfo(FLOAT_DTYPES[t.dtype]).bits // 8 * _numel(t.shape) for t in self.tensors.values())
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, read from the memory-mapped file."""
@@ -175,7 +173,9 @@ def _validated_tensors(path: Path, config: ModelConfig) -> dict[str, TensorInfo]
     missing = [k for k in expected if k not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: missing tensor '{missing[0]}'{more}, expected shape {list(expected[missing[0]][1])}.")
+        raise CheckpointError(
+            f"{path}: missing tensor '{missing[0]}'{more}, expected shape {list(expected[missing[0]][1])}."
+        )
     return {k: found[k] for k in expected}
 
 

@@ -30,7 +30,10 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(f"text tensors   {len(ckpt.tensors)} ({ckpt.weight_bytes / 2**20:.1f} MiB, {ckpt.dtype})")
     print(f"layers         {cfg.num_layers} ({kinds}), sliding window {cfg.sliding_window}")
     print(f"hidden         {cfg.hidden_size}, vocab {cfg.vocab_size}, canvas {cfg.canvas_length}")
-    for kind, spec in (("sliding", next((s for s in cfg.layers if s.is_sliding), None)), ("full", cfg.layers[-1])):
+    for kind, spec in (
+        ("sliding", next((s for s in cfg.layers if s.is_sliding), None)),
+        ("full", cfg.layers[-1]),
+    ):
         if spec is not None:
             print(f"{kind:<14} {cfg.num_attention_heads} heads x {spec.head_dim}, {spec.num_kv_heads} KV heads")
     print(f"experts        {cfg.num_experts} (top {cfg.top_k_experts}), expert width {cfg.moe_intermediate_size}")
@@ -77,12 +80,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             t_den = _median_time(lambda: model.denoise(canvas, soft, canvas_positions, past), args.repeats)
 
     print(f"prompt         {args.prompt!r} -> {p} tokens with the chat template")
-    print(f"prefill        input_ids {list(ids.shape)} -> {len(past)} layers of K/V, "
-          f"layer 0 K {list(past[0][0].shape)}, last layer K {list(past[-1][0].shape)}")
+    print(
+        f"prefill        input_ids {list(ids.shape)} -> {len(past)} layers of K/V, "
+        f"layer 0 K {list(past[0][0].shape)}, last layer K {list(past[-1][0].shape)}"
+    )
     print(f"denoise        canvas {list(canvas.shape)} + soft {list(soft.shape)} -> logits {list(logits.shape)}")
     print(f"draft          {tok.decode(logits.argmax(-1)[0].tolist())!r} (random weights: noise)")
-    print(f"timing         torch CPU, {torch.get_num_threads()} threads, median (min-max) of {args.repeats} "
-          "runs after a warm-up")
+    print(
+        f"timing         torch CPU, {torch.get_num_threads()} threads, median (min-max) of {args.repeats} "
+        "runs after a warm-up"
+    )
     for name, (med, lo, hi) in (("prefill", t_pre), ("denoise step", t_den)):
         print(f"  {name:<13} {med * 1e3:8.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})")
 

@@ -24,35 +24,68 @@ from dgrt.fsutil import atomic_dir
 
 S, F = SLIDING, FULL
 
-# The text_config of each preset; canvas_length and max_new_tokens ride along.
+# The text_config values and canvas length of each preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # Every text feature, small enough to build in milliseconds (REFERENCE.md's tiny config).
     "tiny": dict(
         text=dict(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            layer_types=[S, F, S, F], num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            global_head_dim=32, num_global_key_value_heads=1, sliding_window=8,
-            num_experts=4, top_k_experts=2, moe_intermediate_size=32, max_position_embeddings=4096,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            layer_types=[S, F, S, F],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            sliding_window=8,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            max_position_embeddings=4096,
         ),
         canvas_length=16,
     ),
     # A little larger: the demo's default model until a trained one ships.
     "small": dict(
         text=dict(
-            vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-            layer_types=[S, S, F, S, S, F], num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-            global_head_dim=64, num_global_key_value_heads=1, sliding_window=24,
-            num_experts=8, top_k_experts=2, moe_intermediate_size=64, max_position_embeddings=4096,
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            layer_types=[S, S, F, S, S, F],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            global_head_dim=64,
+            num_global_key_value_heads=1,
+            sliding_window=24,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=64,
+            max_position_embeddings=4096,
         ),
         canvas_length=32,
     ),
     # REFERENCE.md's CPU timing config: 77M parameters, canvas 256.
     "bench": dict(
         text=dict(
-            vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-            layer_types=[S, S, S, S, S, F, S, F], num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-            global_head_dim=128, num_global_key_value_heads=2, sliding_window=512,
-            num_experts=4, top_k_experts=2, moe_intermediate_size=512, max_position_embeddings=8192,
+            vocab_size=32768,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            layer_types=[S, S, S, S, S, F, S, F],
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            global_head_dim=128,
+            num_global_key_value_heads=2,
+            sliding_window=512,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=512,
+            max_position_embeddings=8192,
         ),
         canvas_length=256,
     ),
@@ -60,9 +93,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The smallest vision tower transformers builds (REFERENCE.md); without one it builds a 167M default.
 VISION_CONFIG = {
-    "model_type": "gemma4_vision", "hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 0,
-    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 4, "position_embedding_size": 1,
-    "patch_size": 1, "pooling_kernel_size": 1,
+    "model_type": "gemma4_vision",
+    "hidden_size": 4,
+    "intermediate_size": 4,
+    "num_hidden_layers": 0,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 4,
+    "position_embedding_size": 1,
+    "patch_size": 1,
+    "pooling_kernel_size": 1,
 }
 ROPE_PARAMETERS = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -82,9 +122,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 GENERATION_DEFAULTS = {
-    "max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8,
+    "max_denoising_steps": 48,
+    "t_min": 0.4,
+    "t_max": 0.8,
     "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-    "stability_threshold": 1, "confidence_threshold": 0.005,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
 }
 
 
@@ -169,14 +212,24 @@ def tokenizer_json(vocab_size: int) -> str:
 
 
 def write_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
-    """Write a complete random checkpoint folder; returns its path."""
-    config = preset_config(preset)
+    """Write a complete random checkpoint folder of a preset; returns its path."""
+    return write_checkpoint(out_dir, preset_config(preset), seed=seed, force=force, tag=preset)
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    seed: int = 0,
+    gain: float = 0.5,
+    force: bool = False,
+    tag: str = "custom",
+) -> Path:
+    """Write a complete random checkpoint folder for any config.json content (see `preset_config`)."""
     cfg = ModelConfig.from_dict(config)
-    weights = random_weights(cfg, seed) | vision_weights(cfg.hidden_size)
-    canvas = config["canvas_length"]
+    weights = random_weights(cfg, seed, gain) | vision_weights(cfg.hidden_size)
     generation = dict(
         GENERATION_DEFAULTS,
-        max_new_tokens=3 * canvas,
+        max_new_tokens=3 * cfg.canvas_length,
         eos_token_id=[EOS_ID, END_TURN_ID],
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
@@ -195,5 +248,6 @@ def write_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, force: 
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(tokenizer_json(cfg.vocab_size))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "dgrt_preset": preset})
+        metadata = {"format": "pt", "dgrt_random": f"{tag} seed={seed} gain={gain}"}
+        save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
     return Path(out_dir)

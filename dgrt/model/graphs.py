@@ -121,6 +121,10 @@ class Denoise(nn.Module):
         self.model = model
 
     def forward(
-        self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+        self,
+        canvas_ids: torch.Tensor,
+        soft_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
     ) -> torch.Tensor:
         return self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past))

@@ -66,9 +66,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention_mask(
-    num_queries: int, past_len: torch.Tensor | int, window: int | None, causal: bool
-) -> torch.Tensor:
+def attention_mask(num_queries: int, past_len: torch.Tensor | int, window: int | None, causal: bool) -> torch.Tensor:
     """Boolean [S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
 
     Causal (prefill): query i sees past and new keys up to itself; with a window W, only keys less than W
@@ -102,9 +100,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
 
-    def key_value(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_value(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the tokens in h, [B, kv_heads, S, D]: what the cache stores."""
         b, s, _ = h.shape
         raw_k = self.k_proj(h).view(b, s, self.num_kv_heads, self.head_dim)
@@ -209,9 +205,7 @@ class Layer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1))
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))
 
-    def key_value(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Only the K/V this layer writes to the cache for x (what prefill needs of the last layer)."""
         return self.self_attn.key_value(self.input_layernorm(x), cos, sin)
 

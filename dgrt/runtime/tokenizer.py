@@ -52,7 +52,9 @@ class Tokenizer:
             raise DgrtError("the tokenizer has no chat_template in tokenizer_config.json; pass a plain prompt.")
         special = {k: self.config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
         try:
-            text = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
+            text = self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **special
+            )
         except jinja2.TemplateError as e:
             raise DgrtError(f"the chat template failed on these messages ({e}).") from None
         return self.encode(text)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny checkpoints are generated here, never downloaded."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dgrt.config import FULL, SLIDING
+from dgrt.tiny import preset_config, write_checkpoint, write_tiny
+
+torch.set_num_threads(2)
+
+
+def variant_config(base: str = "tiny", canvas_length: int | None = None, **text: Any) -> dict[str, Any]:
+    """A preset's config.json with some text_config values replaced."""
+    cfg = copy.deepcopy(preset_config(base))
+    cfg["text_config"].update(text)
+    if canvas_length is not None:
+        cfg["canvas_length"] = canvas_length
+    vocab = cfg["text_config"]["vocab_size"]
+    cfg.update(image_token_id=vocab - 1, boi_token_id=vocab - 2, eoi_token_id=vocab - 3)
+    return cfg
+
+
+# Configs beyond the presets, for parity: other layer patterns, windows, head counts, vocab sizes.
+VARIANTS = {
+    # 5 layers, window 5, 8 heads over 4 (sliding) / 2 (full) KV heads, odd vocab, 6 experts top 3.
+    "narrow": variant_config(
+        vocab_size=301,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=5,
+        layer_types=[SLIDING, SLIDING, FULL, SLIDING, FULL],
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=2,
+        sliding_window=5,
+        num_experts=6,
+        top_k_experts=3,
+        moe_intermediate_size=24,
+        canvas_length=8,
+    ),
+    # Full layer first, full layers keep the sliding KV head count, another partial rotary factor and
+    # softcap, a window wider than the prompt.
+    "wide": variant_config(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        layer_types=[FULL, SLIDING, FULL],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=24,
+        num_global_key_value_heads=None,
+        sliding_window=20,
+        num_experts=3,
+        top_k_experts=1,
+        moe_intermediate_size=16,
+        final_logit_softcapping=15.0,
+        canvas_length=12,
+        rope_parameters={
+            SLIDING: {"rope_type": "default", "rope_theta": 500.0},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 50_000.0},
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> dict[str, Path]:
+    """The tiny preset and every variant, written once per test session."""
+    root = tmp_path_factory.mktemp("variants")
+    out = {"tiny": tiny_ckpt}
+    for i, (name, cfg) in enumerate(VARIANTS.items()):
+        out[name] = write_checkpoint(root / name, cfg, seed=10 + i, tag=name)
+    return out
