@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/dgrt demo
 
 test: $(STAMP)
-	$(BIN)/ruff check dgrt tests tools
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check dgrt tests tools
+	$(BIN)/ruff check .
