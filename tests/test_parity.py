@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dgrt.checkpoint import load_model
-from dgrt.model import Denoise, DiffusionGemma, Prefill
+from dgrt.model import DiffusionGemma
 
 transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
 from transformers.cache_utils import DynamicCache  # noqa: E402
@@ -129,26 +129,6 @@ def test_sliding_past_may_hold_only_the_window(checkpoints: dict[str, Path]) -> 
     ):
         assert_close(full[0], cut[0], f"prefill layer {i} K, windowed past")
         assert_close(full[1], cut[1], f"prefill layer {i} V, windowed past")
-
-
-@torch.inference_mode()
-def test_flat_graph_modules_match_the_model(tiny_ckpt: Path) -> None:
-    """Prefill/Denoise wrap the model with the flat tensor signatures the exporter traces."""
-    model = load_model(tiny_ckpt)
-    cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (1, 5))
-    positions = torch.arange(5)[None]
-    flat_past = [t for kv in model.empty_past(1) for t in kv]
-    new = Prefill(model)(ids, positions, *flat_past)
-    assert len(new) == 2 * cfg.num_layers
-    for t, spec in zip(new[::2], cfg.layers, strict=True):
-        assert t.shape == (1, spec.num_kv_heads, 5, spec.head_dim)
-    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length))
-    cpos = torch.arange(5, 5 + cfg.canvas_length)[None]
-    soft = torch.zeros(1, cfg.canvas_length, cfg.hidden_size)
-    logits = Denoise(model)(canvas, soft, cpos, *new)
-    pairs = list(zip(new[::2], new[1::2], strict=True))
-    assert torch.equal(logits, model.denoise(canvas, soft, cpos, pairs))
 
 
 @torch.inference_mode()

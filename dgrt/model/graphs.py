@@ -17,6 +17,7 @@ from torch import nn
 
 from dgrt.config import ModelConfig
 from dgrt.model.layers import Layer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+from dgrt.model.sampling import step_outputs
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -113,18 +114,28 @@ class Prefill(nn.Module):
 
 
 class Denoise(nn.Module):
-    """The denoise graph with a flat signature: (canvas_ids, soft_embeds, position_ids, past_k_0,
-    past_v_0, ...) -> logits."""
+    """The denoise graph with a flat signature and the sampler's per-position work inside:
 
-    def __init__(self, model: DiffusionGemma):
+    (canvas_ids [B, C], soft_embeds [B, C, H], position_ids [B, C], temperature [B], uniform [B, C],
+    past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C], entropy [B, C], next_soft_embeds [B, C, H]
+    [, logits [B, C, V] with debug_logits]). See dgrt.model.sampling.
+    """
+
+    def __init__(self, model: DiffusionGemma, debug_logits: bool = False):
         super().__init__()
         self.model = model
+        self.debug_logits = debug_logits
 
     def forward(
         self,
         canvas_ids: torch.Tensor,
         soft_embeds: torch.Tensor,
         position_ids: torch.Tensor,
+        temperature: torch.Tensor,
+        uniform: torch.Tensor,
         *past: torch.Tensor,
-    ) -> torch.Tensor:
-        return self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past))
+    ) -> tuple[torch.Tensor, ...]:
+        logits = self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past))
+        processed, argmax, sample, entropy = step_outputs(logits, temperature, uniform)
+        outputs = (argmax, sample, entropy, self.model.soft_embeddings(processed))
+        return (*outputs, logits) if self.debug_logits else outputs

@@ -66,7 +66,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention_mask(num_queries: int, past_len: torch.Tensor | int, window: int | None, causal: bool) -> torch.Tensor:
+def attention_mask(
+    num_queries: int, past_len: torch.Tensor | int, window: int | None, causal: bool, device: torch.device
+) -> torch.Tensor:
     """Boolean [S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
 
     Causal (prefill): query i sees past and new keys up to itself; with a window W, only keys less than W
@@ -74,8 +76,8 @@ def attention_mask(num_queries: int, past_len: torch.Tensor | int, window: int |
     last W - 1 past keys. Distances are counted in cache slots, so the past may hold the whole history or
     just its last W - 1 tokens: both give the same result.
     """
-    q = torch.arange(num_queries) + past_len
-    k = torch.arange(past_len + num_queries)
+    q = torch.arange(num_queries, device=device) + past_len
+    k = torch.arange(past_len + num_queries, device=device)
     if causal:
         visible = k[None, :] <= q[:, None]
         if window is not None:
@@ -158,8 +160,10 @@ class Router(nn.Module):
         scores = self.proj(self.norm(x) * self.scale * self.root_size)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         top_w, top_i = torch.topk(probs, k=self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True) * self.per_expert_scale[top_i]
-        return torch.zeros_like(probs).scatter(-1, top_i, top_w)
+        routing = torch.zeros_like(probs).scatter(-1, top_i, top_w / top_w.sum(dim=-1, keepdim=True))
+        # Scaling the dense matrix by the per-expert scales gives the same products as scaling the top-k
+        # weights, without a gather.
+        return routing * self.per_expert_scale
 
 
 class Experts(nn.Module):
@@ -173,10 +177,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        gate_up = torch.einsum("nh,eoh->eno", x, self.gate_up_proj)
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        out = torch.einsum("eni,ehi->enh", gelu_tanh(gate) * up, self.down_proj)
-        return torch.einsum("ne,enh->nh", routing, out.float()).to(x.dtype)
+        # Plain batched MatMuls and slices: every backend (TensorRT included) runs them.
+        gate_up = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+        gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
+        out = torch.matmul(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, H]
+        mixed = torch.matmul(routing[:, None, :], out.float().transpose(0, 1))  # [N, 1, E] @ [N, E, H]
+        return mixed.squeeze(1).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -221,7 +227,7 @@ class Layer(nn.Module):
         """(layer output, K, V) for x's tokens attending to the past keys and to each other."""
         h = self.input_layernorm(x)
         k, v = self.self_attn.key_value(h, cos, sin)
-        mask = attention_mask(x.shape[1], past_k.shape[2], self.window, causal)
+        mask = attention_mask(x.shape[1], past_k.shape[2], self.window, causal, x.device)
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
         x = x + self.post_attention_layernorm(self.self_attn(h, cos, sin, keys, values, mask))

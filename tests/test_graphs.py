@@ -1,0 +1,59 @@
+"""The flat-signature graph modules the exporter traces, and the in-graph sampler outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dgrt.checkpoint import load_model
+from dgrt.model import Denoise, Prefill
+from dgrt.model.sampling import sample_from_uniform, step_outputs
+
+
+@torch.inference_mode()
+def test_flat_modules_match_the_model(tiny_ckpt: Path) -> None:
+    model = load_model(tiny_ckpt)
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    positions = torch.arange(5)[None].expand(2, -1)
+    new = Prefill(model)(ids, positions, *[t for kv in model.empty_past(2) for t in kv])
+    assert len(new) == 2 * cfg.num_layers
+    for t, spec in zip(new[::2], cfg.layers, strict=True):
+        assert t.shape == (2, spec.num_kv_heads, 5, spec.head_dim)
+
+    c, h = cfg.canvas_length, cfg.hidden_size
+    canvas = torch.randint(0, cfg.vocab_size, (2, c))
+    cpos = torch.arange(5, 5 + c)[None].expand(2, -1)
+    soft = torch.randn(2, c, h)
+    temperature = torch.tensor([0.8, 0.5])
+    uniform = torch.rand(2, c)
+    argmax, sample, entropy, next_soft, logits = Denoise(model, debug_logits=True)(
+        canvas, soft, cpos, temperature, uniform, *new
+    )
+    pairs = list(zip(new[::2], new[1::2], strict=True))
+    assert torch.equal(logits, model.denoise(canvas, soft, cpos, pairs))
+    processed = logits / temperature[:, None, None]
+    assert torch.equal(argmax, processed.argmax(-1))
+    assert torch.equal(next_soft, model.soft_embeddings(processed))
+    expected_entropy = torch.distributions.Categorical(logits=processed).entropy()  # what transformers uses
+    assert torch.allclose(entropy, expected_entropy, atol=1e-5)
+    assert sample.dtype == torch.int64 and sample.shape == (2, c)
+
+
+def test_inverse_cdf_sampling_picks_the_bucket_of_u() -> None:
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    cases = {0.0: 0, 0.05: 0, 0.1: 2, 0.69: 2, 0.71: 3, 0.999: 3}  # token 1 has probability 0
+    for u, token in cases.items():
+        assert sample_from_uniform(probs, torch.tensor([u])).item() == token, u
+
+
+def test_inverse_cdf_sampling_follows_the_distribution() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1, 50, generator=gen) * 2
+    draws = torch.stack(
+        [step_outputs(logits, torch.tensor([0.7]), torch.rand(1, 1, generator=gen))[2] for _ in range(20000)]
+    )
+    freq = torch.bincount(draws.flatten(), minlength=50).float() / draws.numel()
+    expected = torch.softmax(logits[0, 0] / 0.7, -1)
+    assert (freq - expected).abs().max() < 0.015
