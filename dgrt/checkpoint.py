@@ -8,6 +8,7 @@ memory-mapped files (`tensor(key)`), so opening a 26B checkpoint costs no RAM.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -110,6 +111,20 @@ class Checkpoint:
     @property
     def weight_bytes(self) -> int:
         return sum(torch.finfo(FLOAT_DTYPES[t.dtype]).bits // 8 * _numel(t.shape) for t in self.tensors.values())
+
+    def digest(self) -> str:
+        """sha256 of config.json, generation_config.json and every weight file's header (names, dtypes,
+        shapes, offsets): identifies the checkpoint without reading its tensors' data."""
+        h = hashlib.sha256()
+        for name in ("config.json", "generation_config.json"):
+            if (self.path / name).exists():
+                h.update((self.path / name).read_bytes())
+        for file in sorted({t.file for t in self.tensors.values()}):
+            with open(file, "rb") as f:
+                size = f.read(8)
+                h.update(size + f.read(int.from_bytes(size, "little")))
+            h.update(str(file.stat().st_size).encode())
+        return "sha256:" + h.hexdigest()
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, read from the memory-mapped file."""

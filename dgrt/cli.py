@@ -39,6 +39,35 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(f"experts        {cfg.num_experts} (top {cfg.top_k_experts}), expert width {cfg.moe_intermediate_size}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from dgrt.exporter.lint import lint_export
+    from dgrt.exporter.onnx_export import ExportOptions, export
+
+    options = ExportOptions(
+        dtype=args.dtype, opset=args.opset, max_context=args.max_context, debug_logits=args.debug_logits
+    )
+    manifest = export(args.checkpoint, args.output, options, force=args.force)
+    weights = manifest["weights"]
+    print(f"exported {args.checkpoint} to {args.output} in {manifest['export_seconds']:.1f} s")
+    print(
+        f"  {', '.join(g['file'] for g in manifest['graphs'].values())}, manifest.json, "
+        f"{weights['file']} ({weights['tensors']} tensors, {weights['bytes'] / 2**20:.1f} MiB, stored once)"
+    )
+    print(
+        f"  dtype {manifest['dtype']}, opset {manifest['opset']}, canvas {manifest['canvas_length']}, "
+        f"max context {manifest['max_context']}"
+    )
+    print(lint_export(args.output).format())
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from dgrt.exporter.lint import lint_export
+
+    report = lint_export(args.export_dir)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
     """(median, min, max) seconds of fn over `repeats` runs after one warm-up."""
     fn()
@@ -114,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_tiny)
 
+    from dgrt.exporter.io_spec import DTYPES
+    from dgrt.exporter.onnx_export import DEFAULT_OPSET
+
+    p = sub.add_parser("export", help="export the prefill and denoise graphs of a checkpoint to ONNX")
+    p.add_argument("checkpoint", type=Path, help="a DiffusionGemma checkpoint folder (Hugging Face layout)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the export directory to write")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--max-context", type=int, help="longest context (cached + new tokens) to support")
+    p.add_argument("--debug-logits", action="store_true", help="also output the denoise graph's raw logits")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("lint", help="check an export's graphs against TensorRT's ONNX parser support matrix")
+    p.add_argument("export_dir", type=Path)
+    p.set_defaults(func=_cmd_lint)
+
     p = sub.add_parser("inspect", help="validate a checkpoint folder and summarise its text model")
     p.add_argument("checkpoint", type=Path)
     p.set_defaults(func=_cmd_inspect)
@@ -123,11 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except DgrtError as e:
         print(f"dgrt: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ def sample_from_uniform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
     """The token i with cdf[i-1] <= u * total < cdf[i], for probabilities [..., V] and uniforms [...] in [0, 1).
 
     Counting the cdf entries at or below the threshold is the inverse CDF with static shapes; it never
-    picks a zero-probability token (the clamp only guards against u = 1).
+    picks a zero-probability token. The last entry (the total) is left out of the count: it is above any
+    u < 1, and leaving it out bounds the result by V - 1 without a clamp (TensorRT has no integer Clip).
     """
     cdf = torch.cumsum(probs, dim=-1)
-    at_or_below = cdf <= (uniform * cdf[..., -1])[..., None]
-    return at_or_below.sum(dim=-1).clamp(max=probs.shape[-1] - 1)
+    at_or_below = cdf[..., :-1] <= (uniform * cdf[..., -1])[..., None]
+    return at_or_below.sum(dim=-1)
 
 
 def step_outputs(

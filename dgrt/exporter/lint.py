@@ -1,0 +1,160 @@
+"""TensorRT-compatibility lint for ONNX graphs: what TensorRT's ONNX parser would refuse, found on a CPU.
+
+Checked against tensorrt_onnx_ops.json (TensorRT's published operator support matrix, with its source):
+the opset range, non-default domains, unsupported operators, data types per operator, the restrictions
+that can be checked statically, and ops with data-dependent shapes or control flow in graphs meant to be
+captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from dgrt.exporter import manifest as manifest_mod
+
+# Shapes that depend on values, or control flow: neither can be captured in a CUDA graph.
+DATA_DEPENDENT = {"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "If", "Scan"}
+REDUCE_OPS = {
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSum",
+    "ReduceSumSquare",
+}
+IR_TO_TABLE_TYPE = {
+    ir.DataType.FLOAT: "FP32",
+    ir.DataType.FLOAT16: "FP16",
+    ir.DataType.BFLOAT16: "BF16",
+    ir.DataType.INT32: "INT32",
+    ir.DataType.INT64: "INT64",
+    ir.DataType.BOOL: "BOOL",
+    ir.DataType.UINT8: "UINT8",
+    ir.DataType.INT8: "INT8",
+    ir.DataType.INT4: "INT4",
+    ir.DataType.FLOAT8E4M3FN: "FP8",
+    ir.DataType.FLOAT4E2M1: "FP4",
+}
+
+
+@cache
+def tensorrt_table() -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "tensorrt_onnx_ops.json").read_text())
+
+
+@dataclass
+class GraphReport:
+    name: str
+    opset: int
+    ops: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LintReport:
+    graphs: list[GraphReport]
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{g.name}: {e}" for g in self.graphs for e in g.errors]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        table = tensorrt_table()
+        lines = [f"TensorRT lint against the TensorRT {table['tensorrt_version']} ONNX parser support matrix"]
+        for g in self.graphs:
+            inventory = ", ".join(f"{op} {n}" for op, n in sorted(g.ops.items()))
+            lines.append(f"{g.name}: opset {g.opset}, {sum(g.ops.values())} nodes: {inventory}")
+            lines += [f"  error: {e}" for e in g.errors]
+        lines.append("lint passed" if self.ok else f"lint failed: {len(self.errors)} error(s)")
+        return "\n".join(lines)
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _check_node(node: ir.Node, cuda_graph: bool) -> list[str]:
+    table = tensorrt_table()
+    op, where = node.op_type, f"{node.op_type} node '{node.name}'"
+    if node.domain not in ("", "ai.onnx"):
+        return [f"{where} is in domain '{node.domain}'; TensorRT's parser takes only the default ONNX domain."]
+    if op in table["unsupported"] or op not in table["supported_types"]:
+        return [f"{where}: TensorRT's ONNX parser does not support {op}."]
+    errors = []
+    if cuda_graph and op in DATA_DEPENDENT:
+        errors.append(f"{where} has data-dependent shapes or control flow, which a CUDA graph cannot capture.")
+    typed = node.inputs[1] if op == "Where" else (node.inputs[0] if node.inputs else None)
+    if typed is not None and typed.dtype in IR_TO_TABLE_TYPE:
+        kind = IR_TO_TABLE_TYPE[typed.dtype]
+        if kind not in table["supported_types"][op]:
+            errors.append(f"{where}: TensorRT runs {op} on {', '.join(table['supported_types'][op])}, not {kind}.")
+    attrs = node.attributes
+    if op == "TopK":
+        k = _constant(node.inputs[1])
+        if attrs.get("sorted") is not None and attrs["sorted"].as_int() != 1:
+            errors.append(f"{where}: `sorted` must be 1.")
+        if k is None or int(k.reshape(-1)[0]) >= 3840:
+            errors.append(f"{where}: K must be a build-time constant below 3840.")
+    elif op == "CumSum" and _constant(node.inputs[1]) is None:
+        errors.append(f"{where}: `axis` must be a build-time constant.")
+    elif op in REDUCE_OPS | {"Squeeze", "Unsqueeze"} and len(node.inputs) > 1 and node.inputs[1] is not None:
+        if _constant(node.inputs[1]) is None:
+            errors.append(f"{where}: `axes` must be a build-time constant.")
+    elif op == "ScatterND" and attrs.get("reduction") is not None and attrs["reduction"].as_string() != "none":
+        errors.append(f"{where}: reduction other than 'none' is unsupported.")
+    elif op == "Attention":
+        for name in ("softcap", "qk_matmul_output_mode"):
+            if name in attrs:
+                errors.append(f"{where}: the `{name}` attribute is unsupported.")
+    elif op in ("QuantizeLinear", "DequantizeLinear") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        zero_point = _constant(node.inputs[2])
+        if zero_point is None or np.any(zero_point.astype(np.float32) != 0):
+            errors.append(f"{where}: the zero point must be a constant zero (TensorRT quantizes symmetrically).")
+    return errors
+
+
+def lint_model(model: ir.Model, name: str, cuda_graph: bool) -> GraphReport:
+    table = tensorrt_table()
+    opset = model.opset_imports.get("", 0)
+    report = GraphReport(name, opset)
+    if not table["min_opset"] <= opset <= table["max_opset"]:
+        report.errors.append(f"opset {opset} is outside the parser's range {table['min_opset']}..{table['max_opset']}.")
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        report.ops[node.op_type] += 1
+        report.errors += _check_node(node, cuda_graph)
+    return report
+
+
+def lint_export(export_dir: str | Path) -> LintReport:
+    """Lint both graphs of an export directory (without reading the weights)."""
+    export_dir = Path(export_dir)
+    manifest = manifest_mod.load(export_dir)
+    reports = []
+    for name, graph in manifest["graphs"].items():
+        model = ir.load(export_dir / graph["file"])
+        reports.append(lint_model(model, name, graph["cuda_graph"]))
+    return LintReport(reports)

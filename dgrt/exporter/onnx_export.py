@@ -1,0 +1,252 @@
+"""`dgrt export`: trace prefill and denoise to ONNX without the weights in memory, then attach them.
+
+The model is built on the meta device and traced with torch.export (dynamo, optimize=False); the
+graphs' initializers are then pointed at one weights file, written tensor by tensor from the
+memory-mapped checkpoint. Peak memory is the traced graphs plus about one tensor, so a checkpoint larger
+than RAM can be exported.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+from onnxscript.optimizer import fold_constants
+from torch import nn
+
+from dgrt import __version__
+from dgrt.checkpoint import Checkpoint, checkpoint_key
+from dgrt.errors import DgrtError
+from dgrt.exporter import manifest as manifest_mod
+from dgrt.exporter.io_spec import DTYPES, GraphSpec, denoise_spec, prefill_spec
+from dgrt.exporter.weights import WeightFile
+from dgrt.fsutil import atomic_dir
+from dgrt.model import Denoise, DiffusionGemma, Prefill
+from dgrt.progress import Progress
+
+WEIGHTS_FILE = "weights.bin"
+DEFAULT_OPSET = 21
+# torch 2.13's exporter emits opsets 18..23; 21 is the first with blocked INT4 DequantizeLinear.
+SUPPORTED_OPSETS = range(18, 24)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Example sizes for tracing: all different, none 0 or 1, so torch.export specialises nothing.
+EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"  # a key of DTYPES
+    opset: int = DEFAULT_OPSET
+    max_context: int | None = None  # default: the model's max_position_embeddings
+    debug_logits: bool = False
+
+
+def export(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    options: ExportOptions = ExportOptions(),
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write an export directory; returns its manifest."""
+    progress = progress or Progress()
+    if options.dtype not in DTYPES:
+        raise DgrtError(f"unsupported dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}.")
+    if options.opset not in SUPPORTED_OPSETS:
+        raise DgrtError(
+            f"unsupported opset {options.opset}; expected {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}."
+        )
+    ckpt = Checkpoint.open(checkpoint_dir)
+    cfg = ckpt.config
+    max_context = options.max_context or cfg.max_position_embeddings
+    if not cfg.canvas_length < max_context <= cfg.max_position_embeddings:
+        raise DgrtError(
+            f"--max-context {max_context} must be larger than the canvas ({cfg.canvas_length}) and at most the "
+            f"model's max_position_embeddings ({cfg.max_position_embeddings})."
+        )
+    dtype = DTYPES[options.dtype]
+    t0 = time.perf_counter()
+
+    model, buffers = _meta_model(ckpt, TORCH_DTYPES[dtype])
+    specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
+    modules: dict[str, nn.Module] = {"prefill": Prefill(model), "denoise": Denoise(model, options.debug_logits)}
+    graphs = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        progress.update(f"tracing {name} graph ({i + 1}/2)")
+        graphs[name] = _trace(modules[name], spec, options.opset, max_context)
+
+    with atomic_dir(Path(out_dir), force=force) as tmp:
+        weights = WeightFile(tmp / WEIGHTS_FILE)
+        try:
+            _attach_weights(graphs, ckpt, buffers, TORCH_DTYPES[dtype], weights, tmp, progress)
+        finally:
+            weights_sha = weights.close()
+        files = {}
+        for name, graph in graphs.items():
+            progress.update(f"saving {name}.onnx")
+            ir.save(graph, tmp / f"{name}.onnx")
+            files[name] = f"{name}.onnx"
+        copied = _copy_side_files(ckpt.path, tmp)
+        manifest = manifest_mod.build(
+            ckpt=ckpt,
+            specs=specs,
+            files=files,
+            out=tmp,
+            dtype=options.dtype,
+            opset=options.opset,
+            max_context=max_context,
+            weights={"file": WEIGHTS_FILE, "bytes": weights.size, "tensors": weights.count, "sha256": weights_sha},
+            side_files=copied,
+        )
+        manifest_mod.write(tmp, manifest)
+        progress.update("linting for TensorRT")
+        from dgrt.exporter.lint import lint_export
+
+        report = lint_export(tmp)
+        progress.close()
+        if not report.ok:
+            raise DgrtError(f"the exported graphs fail the TensorRT lint: {report.errors[0]}")
+    manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+    return manifest
+
+
+def _meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[DiffusionGemma, dict[str, torch.Tensor]]:
+    """The model with no storage (meta), and the real values of its buffers (not in the checkpoint)."""
+    with torch.device("meta"):
+        model = DiffusionGemma(ckpt.config)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # built on the CPU (RoPE frequencies)
+    model = model.to(device="meta", dtype=dtype)
+    for name, b in buffers.items():  # keep RoPE frequencies in fp32 whatever the model dtype
+        module_name, _, attr = name.rpartition(".")
+        (model.get_submodule(module_name) if module_name else model)._buffers[attr] = b.to("meta")
+    return model.eval().requires_grad_(False), buffers
+
+
+def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> ir.Model:
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=4096),
+        "seq": torch.export.Dim("seq", min=1, max=max_context),
+        "past_full": torch.export.Dim("past_full", min=0, max=max_context),
+        "past_sliding": torch.export.Dim("past_sliding", min=0, max=max_context),
+    }
+    args, shapes = [], []
+    for t in spec.inputs:
+        size = [EXAMPLE_DIMS[d] if isinstance(d, str) else d for d in t.shape]
+        args.append(torch.zeros(size, dtype=TORCH_DTYPES.get(t.dtype, torch.int64), device="meta"))
+        shapes.append({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)})
+    n_fixed = sum(1 for t in spec.inputs if t.layer is None)  # the rest are the *past varargs
+    dynamic_shapes = (*shapes[:n_fixed], tuple(shapes[n_fixed:]))
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            tuple(args),
+            dynamic_shapes=dynamic_shapes,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            opset_version=opset,
+            dynamo=True,
+            optimize=False,  # the optimizer cannot run on meta tensors; the graph is small anyway
+            verbose=False,
+        )
+    model = program.model
+    _fold_constants(model)
+    _name_nodes(model)
+    model.producer_name, model.producer_version = "dgrt", __version__
+    model.graph.name = spec.name
+    model.doc_string = spec.doc
+    return model
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fold_constants(model: ir.Model) -> None:
+    """Fold the small constant subgraphs the exporter leaves (shapes, axes) into constants: TensorRT's
+    parser wants some of them (Reduce axes, TopK's K) as build-time constants. Nodes that read a weight
+    are left alone, so no weight is read, copied or transformed."""
+
+    def should_fold(node: ir.Node) -> bool | None:
+        return False if any(v is not None and _is_weight(v) for v in node.inputs) else None
+
+    fold_constants(model, should_fold=should_fold)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Hierarchical node names from the module path ("model.layers.3/linear_12"), stable across exports;
+    the exporter's per-node metadata (stack traces with local paths) is dropped."""
+    used: set[str] = set()
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        base = "/".join(s for s in ast.literal_eval(scopes) if s) if scopes else (node.name or node.op_type)
+        name, k = base, 0
+        while name in used:  # one torch op may become several nodes
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        node.name = name
+        node.metadata_props.clear()
+
+
+def _is_weight(value: ir.Value) -> bool:
+    return bool(value.name) and value.name.startswith("model.")
+
+
+def _attach_weights(
+    graphs: dict[str, ir.Model],
+    ckpt: Checkpoint,
+    buffers: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    weights: WeightFile,
+    base_dir: Path,
+    progress: Progress,
+) -> None:
+    """Point every model initializer at the weights file; each tensor is written once for both graphs."""
+    values = [v for g in graphs.values() for v in g.graph.initializers.values() if _is_weight(v)]
+    written: dict[str, tuple[int, int]] = {}
+    names = list(dict.fromkeys(v.name for v in values))
+    for value in values:
+        name = value.name
+        if name not in written:
+            progress.update("writing weights", len(written), len(names))
+            param = name.removeprefix("model.")
+            tensor = buffers[param] if param in buffers else ckpt.tensor(checkpoint_key(param)).to(dtype)
+            if tuple(tensor.shape) != tuple(value.shape.dims):
+                raise DgrtError(
+                    f"initializer {name} has shape {list(value.shape.dims)} in the graph, {list(tensor.shape)} on disk."
+                )
+            written[name] = weights.add(tensor)
+            del tensor
+        offset, length = written[name]
+        value.const_value = ir.ExternalTensor(
+            WEIGHTS_FILE, offset, length, value.dtype, shape=value.shape, name=name, base_dir=base_dir
+        )
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,46 @@
+"""One weights file shared by both graphs, written one tensor at a time."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+# Offsets of large tensors are aligned so ONNX Runtime can memory-map them (4 KiB pages on Linux, 64 KiB
+# allocation granularity on Windows); small ones only to 64 bytes, to keep the file compact.
+LARGE_ALIGNMENT = 65536
+SMALL_ALIGNMENT = 64
+LARGE_TENSOR_BYTES = 1 << 20
+
+
+class WeightFile:
+    """Appends raw little-endian tensor bytes; returns where each tensor landed; hashes as it goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.count = 0
+
+    def add(self, tensor: torch.Tensor) -> tuple[int, int]:
+        """Write a tensor; returns (offset, length) in bytes."""
+        data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+        alignment = LARGE_ALIGNMENT if data.nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+        self._write(bytes(-self.size % alignment))
+        offset = self.size
+        self._write(data.data)
+        self.count += 1
+        return offset, data.nbytes
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+        self.size += len(data) if isinstance(data, bytes) else data.nbytes
+
+    def close(self) -> str:
+        """Close the file; returns its sha256 as 'sha256:<hex>'."""
+        self._file.close()
+        return "sha256:" + self._sha.hexdigest()
