@@ -2,8 +2,8 @@
 
 `Checkpoint.open(path)` parses config.json and generation_config.json and reads only the safetensors
 headers; it checks that every tensor the text model needs is there with the right shape and a float dtype,
-that nothing unexpected is there, and skips the vision tower. Tensors are read one at a time from the
-memory-mapped files (`tensor(key)`), so opening a 26B checkpoint costs no RAM.
+that nothing unexpected is there, and skips the vision tower. Tensors are read one at a time, on demand
+(`tensor(key)`), so opening a 26B checkpoint costs no RAM.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from dgrt.config import ModelConfig
 from dgrt.errors import CheckpointError
@@ -53,7 +52,9 @@ class TensorInfo:
     key: str
     file: Path
     shape: tuple[int, ...]
-    dtype: str
+    dtype: str  # safetensors' name: F32, F16, BF16, ...
+    start: int  # absolute byte range in the file
+    end: int
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -69,16 +70,27 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _headers(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file holds, from its header alone (8-byte length, then JSON)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            infos = {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                infos[key] = TensorInfo(key, path, tuple(sl.get_shape()), sl.get_dtype())
-            return infos
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        infos = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            start = 8 + n + begin
+            if not 8 + n <= start <= 8 + n + end <= size:
+                raise ValueError(f"tensor '{key}' lies outside the file")
+            infos[key] = TensorInfo(key, path, tuple(entry["shape"]), entry["dtype"], start, 8 + n + end)
+        return infos
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found.") from None
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from None
 
 
@@ -90,7 +102,7 @@ class Checkpoint:
         self.config = config
         self.generation_config = generation
         self.tensors = tensors  # the text model's tensors, by checkpoint key
-        self._files: dict[Path, Any] = {}
+        self._files: dict[Path, BinaryIO] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -127,12 +139,22 @@ class Checkpoint:
         return "sha256:" + h.hexdigest()
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor, read from the memory-mapped file."""
+        """One tensor, read from its file on demand.
+
+        Plain positioned reads, not a memory map: an export streaming a 26B checkpoint then holds one
+        tensor at a time instead of accumulating the file's pages in its resident set.
+        """
         info = self.tensors[key]
         handle = self._files.get(info.file)
         if handle is None:
-            handle = self._files[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(key)
+            handle = self._files[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept for later reads)
+        data = bytearray(info.end - info.start)
+        if not data:
+            return torch.empty(info.shape, dtype=FLOAT_DTYPES[info.dtype])
+        handle.seek(info.start)
+        if handle.readinto(data) != len(data):
+            raise CheckpointError(f"{info.file}: tensor '{key}' is truncated.")
+        return torch.frombuffer(data, dtype=FLOAT_DTYPES[info.dtype]).reshape(info.shape)
 
     def state_dict(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(dgrt parameter name, tensor) pairs, one tensor read at a time."""

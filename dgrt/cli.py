@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from dgrt import __version__
@@ -123,10 +124,18 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"  {name:<13} {med * 1e3:8.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with dgrt's error format: one line, `dgrt: error: ...`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("dgrt").strip()
+        self.exit(2, f"dgrt: error: {command + ': ' if command else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgrt", description="Export, build and run DiffusionGemma models.")
+    parser = _Parser(prog="dgrt", description="Export, build and run DiffusionGemma models.")
     parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     from dgrt.tiny import PRESETS
 
