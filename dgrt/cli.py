@@ -7,8 +7,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from dgrt import __version__
 from dgrt.errors import DgrtError
