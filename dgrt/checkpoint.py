@@ -9,13 +9,14 @@ that nothing unexpected is there, and skips the vision tower. Tensors are read o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ class Checkpoint:
         self.config = config
         self.generation_config = generation
         self.tensors = tensors  # the text model's tensors, by checkpoint key
-        self._files: dict[Path, BinaryIO] = {}
+        self._files: dict[Path, io.BufferedReader] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:

@@ -236,7 +236,7 @@ def _per_layer_overrides(text: dict[str, Any], layer_types: list[str], where: st
 
 
 def _parse_rope(text: dict[str, Any], where: str, head_dims: dict[str, int]) -> dict[str, RopeConfig]:
-    params = text.get("rope_parameters") or _HF_DEFAULT_ROPE
+    params: dict[str, Any] = text.get("rope_parameters") or _HF_DEFAULT_ROPE
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: 'rope_parameters' is {params!r}, expected an object keyed by layer type.")
     out = {}

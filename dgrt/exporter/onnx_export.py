@@ -160,6 +160,7 @@ def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> 
             optimize=False,  # the optimizer cannot run on meta tensors; the graph is small anyway
             verbose=False,
         )
+    assert program is not None  # dynamo=True always returns a program
     model = program.model
     _fold_constants(model)
     _name_nodes(model)
@@ -209,7 +210,7 @@ def _name_nodes(model: ir.Model) -> None:
 
 
 def _is_weight(value: ir.Value) -> bool:
-    return bool(value.name) and value.name.startswith("model.")
+    return (value.name or "").startswith("model.")
 
 
 def _attach_weights(
@@ -226,20 +227,21 @@ def _attach_weights(
     written: dict[str, tuple[int, int]] = {}
     names = list(dict.fromkeys(v.name for v in values))
     for value in values:
-        name = value.name
+        name, shape, dtype_ = value.name, value.shape, value.dtype
+        assert name is not None and shape is not None and dtype_ is not None  # initializers are typed
         if name not in written:
             progress.update("writing weights", len(written), len(names))
             param = name.removeprefix("model.")
             tensor = buffers[param] if param in buffers else ckpt.tensor(checkpoint_key(param)).to(dtype)
-            if tuple(tensor.shape) != tuple(value.shape.dims):
+            if tuple(tensor.shape) != tuple(shape.dims):
                 raise DgrtError(
-                    f"initializer {name} has shape {list(value.shape.dims)} in the graph, {list(tensor.shape)} on disk."
+                    f"initializer {name} has shape {list(shape.dims)} in the graph, {list(tensor.shape)} on disk."
                 )
             written[name] = weights.add(tensor)
             del tensor
         offset, length = written[name]
         value.const_value = ir.ExternalTensor(
-            WEIGHTS_FILE, offset, length, value.dtype, shape=value.shape, name=name, base_dir=base_dir
+            WEIGHTS_FILE, offset, length, dtype_, shape=shape, name=name, base_dir=base_dir
         )
 
 

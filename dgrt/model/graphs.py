@@ -29,7 +29,8 @@ class DiffusionGemma(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # also the LM head (tied)
-        self.layers = nn.ModuleList(Layer(cfg, spec) for spec in cfg.layers)
+        self.blocks = [Layer(cfg, spec) for spec in cfg.layers]  # typed view of the modules in self.layers
+        self.layers = nn.ModuleList(self.blocks)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         for layer_type, rope in cfg.rope.items():
@@ -49,8 +50,8 @@ class DiffusionGemma(nn.Module):
         x = self._embed(input_ids)
         rope = self._rope(position_ids, x.dtype)
         new: list[KV] = []
-        last = len(self.layers) - 1
-        for i, (layer, (past_k, past_v)) in enumerate(zip(self.layers, past, strict=True)):
+        last = len(self.blocks) - 1
+        for i, (layer, (past_k, past_v)) in enumerate(zip(self.blocks, past, strict=True)):
             cos, sin = rope[layer.spec.layer_type]
             if i == last:  # the last layer's output feeds no cache: skip its attention and MLPs
                 new.append(layer.key_value(x, cos, sin))
@@ -65,7 +66,7 @@ class DiffusionGemma(nn.Module):
         """fp32 softcapped logits [B, C, V] for the canvas, given the previous step's soft embeddings."""
         x = self.self_conditioning(self._embed(canvas_ids), soft_embeds)
         rope = self._rope(position_ids, x.dtype)
-        for layer, (past_k, past_v) in zip(self.layers, past, strict=True):
+        for layer, (past_k, past_v) in zip(self.blocks, past, strict=True):
             x, _, _ = layer(x, *rope[layer.spec.layer_type], past_k, past_v, causal=False)
         logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
         cap = self.config.final_logit_softcapping

@@ -67,7 +67,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(
-    num_queries: int, past_len: torch.Tensor | int, window: int | None, causal: bool, device: torch.device
+    num_queries: int, past_len: int, window: int | None, causal: bool, device: torch.device
 ) -> torch.Tensor:
     """Boolean [S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
 
@@ -197,16 +197,13 @@ class Layer(nn.Module):
         self.mlp = MLP(h, cfg.intermediate_size)
         self.router = Router(cfg)
         self.experts = Experts(cfg)
-        for name in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-            "post_feedforward_layernorm_1",
-            "pre_feedforward_layernorm_2",
-            "post_feedforward_layernorm_2",
-        ):
-            setattr(self, name, RMSNorm(h, eps))
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)  # before the dense MLP
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)  # after the dense MLP
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)  # before the experts
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)  # after the experts
+        self.post_feedforward_layernorm = RMSNorm(h, eps)  # after their sum
         # Not tied between roles: the decoder's scalar and the encoder's (prefill) scalar.
         self.layer_scalar = nn.Parameter(torch.ones(1))
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))
