@@ -35,11 +35,17 @@ class OrtGraphs:
         outputs = self.sessions[graph].run(None, feed)
         return {t["name"]: o for t, o in zip(spec["outputs"], outputs, strict=True)}
 
-    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list) -> list:
-        out = self._run("prefill", {"input_ids": input_ids, "position_ids": position_ids}, past)
+    def prefill(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list, pad_lengths: torch.Tensor | None = None
+    ) -> list:
+        if pad_lengths is None:
+            pad_lengths = torch.zeros(input_ids.shape[0], dtype=torch.int64)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "pad_lengths": pad_lengths}
+        out = self._run("prefill", inputs, past)
         n = len(past)
         return [(out[f"new_key_values.{i}.key"], out[f"new_key_values.{i}.value"]) for i in range(n)]
 
     def denoise(self, **inputs: torch.Tensor) -> dict[str, np.ndarray]:
         past = inputs.pop("past")
+        inputs.setdefault("pad_lengths", torch.zeros(inputs["canvas_ids"].shape[0], dtype=torch.int64))
         return self._run("denoise", inputs, past)

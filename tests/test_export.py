@@ -72,6 +72,7 @@ def test_onnx_runtime_matches_torch(
                 canvas_ids=torch.randint(0, cfg.vocab_size, (batch, c), generator=gen),
                 soft_embeds=soft,
                 position_ids=positions,
+                pad_lengths=torch.zeros(batch, dtype=torch.int64),
                 temperature=torch.linspace(0.8, 0.5, batch),
                 uniform=torch.rand(batch, c, generator=gen),
             )
@@ -114,6 +115,28 @@ def test_sliding_layers_may_be_fed_only_their_window(exports: dict[str, Path], c
     )
     full, cut = graphs.denoise(**inputs, past=history), graphs.denoise(**inputs, past=windowed)
     assert np.abs(full["logits"] - cut["logits"]).max() <= TOL
+
+
+@torch.inference_mode()
+def test_left_padding_on_onnx_runtime(exports: dict[str, Path], checkpoints: dict[str, Path]) -> None:
+    model, graphs = load_model(checkpoints["tiny"]), OrtGraphs(exports["tiny"])
+    cfg = model.config
+    pad = torch.tensor([6, 0])
+    ids = torch.randint(3, 200, (2, 11))
+    positions = (torch.arange(11)[None] - pad[:, None]).clamp(min=0)
+    past = model.prefill(ids, positions, model.empty_past(2), pad)
+    check_prefill(graphs.prefill(ids, positions, model.empty_past(2), pad), past, "padded prefill")
+    c = cfg.canvas_length
+    inputs = dict(
+        canvas_ids=torch.randint(0, cfg.vocab_size, (2, c)),
+        soft_embeds=torch.zeros(2, c, cfg.hidden_size),
+        position_ids=torch.arange(11, 11 + c)[None] - pad[:, None],
+        pad_lengths=pad,
+        temperature=torch.tensor([0.8, 0.8]),
+        uniform=torch.rand(2, c),
+    )
+    expected = Denoise(model, debug_logits=True)(*inputs.values(), *[t for kv in past for t in kv])[-1]
+    assert max_err(graphs.denoise(**inputs, past=past)["logits"], expected) <= TOL
 
 
 def test_graphs_pass_the_full_onnx_checker(exports: dict[str, Path]) -> None:

@@ -17,7 +17,8 @@ def test_flat_modules_match_the_model(tiny_ckpt: Path) -> None:
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (2, 5))
     positions = torch.arange(5)[None].expand(2, -1)
-    new = Prefill(model)(ids, positions, *[t for kv in model.empty_past(2) for t in kv])
+    no_padding = torch.zeros(2, dtype=torch.int64)
+    new = Prefill(model)(ids, positions, no_padding, *[t for kv in model.empty_past(2) for t in kv])
     assert len(new) == 2 * cfg.num_layers
     for t, spec in zip(new[::2], cfg.layers, strict=True):
         assert t.shape == (2, spec.num_kv_heads, 5, spec.head_dim)
@@ -29,7 +30,7 @@ def test_flat_modules_match_the_model(tiny_ckpt: Path) -> None:
     temperature = torch.tensor([0.8, 0.5])
     uniform = torch.rand(2, c)
     argmax, sample, entropy, next_soft, logits = Denoise(model, debug_logits=True)(
-        canvas, soft, cpos, temperature, uniform, *new
+        canvas, soft, cpos, no_padding, temperature, uniform, *new
     )
     pairs = list(zip(new[::2], new[1::2], strict=True))
     assert torch.equal(logits, model.denoise(canvas, soft, cpos, pairs))
@@ -57,3 +58,29 @@ def test_inverse_cdf_sampling_follows_the_distribution() -> None:
     freq = torch.bincount(draws.flatten(), minlength=50).float() / draws.numel()
     expected = torch.softmax(logits[0, 0] / 0.7, -1)
     assert (freq - expected).abs().max() < 0.015
+
+
+@torch.inference_mode()
+def test_left_padded_rows_match_the_same_prompts_alone(tiny_ckpt: Path) -> None:
+    """A batch of prompts of different lengths, left-padded, gives each row what it gives alone."""
+    model = load_model(tiny_ckpt)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    short, long = torch.randint(3, 200, (1, 5), generator=gen), torch.randint(3, 200, (1, 12), generator=gen)
+    pad = torch.tensor([7, 0])
+    ids = torch.cat([torch.cat([torch.zeros(1, 7, dtype=torch.int64), short], 1), long])
+    positions = (torch.arange(12)[None] - pad[:, None]).clamp(min=0)  # real tokens start at position 0
+    batched = model.prefill(ids, positions, model.empty_past(2), pad)
+    alone = [model.prefill(p, torch.arange(p.shape[1])[None], model.empty_past(1)) for p in (short, long)]
+    for (bk, bv), (sk, sv), (lk, lv) in zip(batched, *alone, strict=True):
+        assert (bk[0, :, 7:] - sk[0]).abs().max() < 1e-5 and (bv[0, :, 7:] - sv[0]).abs().max() < 1e-5
+        assert (bk[1] - lk[0]).abs().max() < 1e-5 and (bv[1] - lv[0]).abs().max() < 1e-5
+
+    c = cfg.canvas_length
+    canvas = torch.randint(0, cfg.vocab_size, (1, c), generator=gen).expand(2, -1)
+    soft = torch.zeros(2, c, cfg.hidden_size)
+    logits = model.denoise(canvas, soft, torch.arange(12, 12 + c)[None] - pad[:, None], batched, pad)
+    for row, (prompt, past) in enumerate(zip((short, long), alone, strict=True)):
+        p = prompt.shape[1]
+        expected = model.denoise(canvas[:1], soft[:1], torch.arange(p, p + c)[None], past)
+        assert (logits[row] - expected[0]).abs().max() < 1e-5

@@ -46,6 +46,14 @@ class GraphSpec:
     doc: str
 
 
+PAD_LENGTHS = TensorSpec(
+    "pad_lengths",
+    "int64",
+    ("batch",),
+    "how many cache slots at the start of each row are left padding, never attended to (0 without padding)",
+)
+
+
 def _past(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
     out = []
     for i, spec in enumerate(cfg.layers):
@@ -74,6 +82,7 @@ def prefill_spec(cfg: ModelConfig, dtype: str) -> GraphSpec:
             ("batch", "seq"),
             "positions of the new tokens: prompt 0..P-1; a finished canvas keeps the positions it was denoised at",
         ),
+        PAD_LENGTHS,
         *_past(cfg, dtype),
     ]
     outputs = []
@@ -109,6 +118,7 @@ def denoise_spec(cfg: ModelConfig, dtype: str, debug_logits: bool = False) -> Gr
             "self-conditioning input: zeros on a canvas's first step, then the previous step's next_soft_embeds",
         ),
         TensorSpec("position_ids", "int64", ("batch", c), "positions of the canvas: cache length .. + canvas - 1"),
+        PAD_LENGTHS,
         TensorSpec(
             "temperature",
             "float32",

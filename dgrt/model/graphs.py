@@ -45,10 +45,24 @@ class DiffusionGemma(nn.Module):
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {lt: rope_cos_sin(getattr(self, f"inv_freq_{lt}"), position_ids, dtype) for lt in self.config.rope}
 
-    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list[KV]) -> list[KV]:
-        """K/V of the new tokens [B, S] at positions [B, S], for every layer."""
+    def _history(self, past: list[KV]) -> int:
+        """Cached slots in all: the past length of a full layer (the last layer always is one)."""
+        return past[-1][0].shape[2]
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[KV],
+        pad_lengths: torch.Tensor | None = None,
+    ) -> list[KV]:
+        """K/V of the new tokens [B, S] at positions [B, S], for every layer.
+
+        pad_lengths [B]: cache slots at the start of each row that are left padding (never attended to).
+        """
         x = self._embed(input_ids)
         rope = self._rope(position_ids, x.dtype)
+        history = self._history(past)
         new: list[KV] = []
         last = len(self.blocks) - 1
         for i, (layer, (past_k, past_v)) in enumerate(zip(self.blocks, past, strict=True)):
@@ -56,18 +70,25 @@ class DiffusionGemma(nn.Module):
             if i == last:  # the last layer's output feeds no cache: skip its attention and MLPs
                 new.append(layer.key_value(x, cos, sin))
             else:
-                x, k, v = layer(x, cos, sin, past_k, past_v, causal=True)
+                x, k, v = layer(x, cos, sin, past_k, past_v, True, pad_lengths, history)
                 new.append((k, v))
         return new
 
     def denoise(
-        self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor, position_ids: torch.Tensor, past: list[KV]
+        self,
+        canvas_ids: torch.Tensor,
+        soft_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[KV],
+        pad_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 softcapped logits [B, C, V] for the canvas, given the previous step's soft embeddings."""
         x = self.self_conditioning(self._embed(canvas_ids), soft_embeds)
         rope = self._rope(position_ids, x.dtype)
+        history = self._history(past)
         for layer, (past_k, past_v) in zip(self.blocks, past, strict=True):
-            x, _, _ = layer(x, *rope[layer.spec.layer_type], past_k, past_v, causal=False)
+            cos, sin = rope[layer.spec.layer_type]
+            x, _, _ = layer(x, cos, sin, past_k, past_v, False, pad_lengths, history)
         logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -100,26 +121,26 @@ def _pairs(flat: tuple[torch.Tensor, ...]) -> list[KV]:
 
 
 class Prefill(nn.Module):
-    """The prefill graph with a flat signature: (input_ids, position_ids, past_k_0, past_v_0, ...) ->
-    (new_k_0, new_v_0, ...)."""
+    """The prefill graph with a flat signature: (input_ids, position_ids, pad_lengths, past_k_0, past_v_0,
+    ...) -> (new_k_0, new_v_0, ...)."""
 
     def __init__(self, model: DiffusionGemma):
         super().__init__()
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, pad_lengths: torch.Tensor, *past: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        new = self.model.prefill(input_ids, position_ids, _pairs(past))
+        new = self.model.prefill(input_ids, position_ids, _pairs(past), pad_lengths)
         return tuple(t for kv in new for t in kv)
 
 
 class Denoise(nn.Module):
     """The denoise graph with a flat signature and the sampler's per-position work inside:
 
-    (canvas_ids [B, C], soft_embeds [B, C, H], position_ids [B, C], temperature [B], uniform [B, C],
-    past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C], entropy [B, C], next_soft_embeds [B, C, H]
-    [, logits [B, C, V] with debug_logits]). See dgrt.model.sampling.
+    (canvas_ids [B, C], soft_embeds [B, C, H], position_ids [B, C], pad_lengths [B], temperature [B],
+    uniform [B, C], past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C], entropy [B, C],
+    next_soft_embeds [B, C, H] [, logits [B, C, V] with debug_logits]). See dgrt.model.sampling.
     """
 
     def __init__(self, model: DiffusionGemma, debug_logits: bool = False):
@@ -132,11 +153,12 @@ class Denoise(nn.Module):
         canvas_ids: torch.Tensor,
         soft_embeds: torch.Tensor,
         position_ids: torch.Tensor,
+        pad_lengths: torch.Tensor,
         temperature: torch.Tensor,
         uniform: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        logits = self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past))
+        logits = self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past), pad_lengths)
         processed, argmax, sample, entropy = step_outputs(logits, temperature, uniform)
         outputs = (argmax, sample, entropy, self.model.soft_embeddings(processed))
         return (*outputs, logits) if self.debug_logits else outputs

@@ -67,14 +67,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(
-    num_queries: int, past_len: int, window: int | None, causal: bool, device: torch.device
+    num_queries: int,
+    past_len: int,
+    window: int | None,
+    causal: bool,
+    device: torch.device,
+    pad_lengths: torch.Tensor | None = None,
+    history: int = 0,
 ) -> torch.Tensor:
-    """Boolean [S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
+    """Boolean [1 or B, S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
 
     Causal (prefill): query i sees past and new keys up to itself; with a window W, only keys less than W
     slots behind it. Bidirectional (denoise): every query sees the whole canvas; with a window W, only the
     last W - 1 past keys. Distances are counted in cache slots, so the past may hold the whole history or
     just its last W - 1 tokens: both give the same result.
+
+    Left padding: row b's first pad_lengths[b] cache slots are padding and never attended to. `history` is
+    the number of cached slots in all (a full layer's past length), which places a shorter past in it.
     """
     q = torch.arange(num_queries, device=device) + past_len
     k = torch.arange(past_len + num_queries, device=device)
@@ -82,9 +91,13 @@ def attention_mask(
         visible = k[None, :] <= q[:, None]
         if window is not None:
             visible = visible & (k[None, :] > q[:, None] - window)
-        return visible
-    oldest = 0 if window is None else past_len - (window - 1)
-    return (k >= oldest)[None, :].expand(num_queries, -1)
+    else:
+        oldest = 0 if window is None else past_len - (window - 1)
+        visible = (k >= oldest)[None, :].expand(num_queries, -1)
+    if pad_lengths is None:
+        return visible[None]
+    not_padding = (k + (history - past_len))[None, :] >= pad_lengths[:, None]  # [B, T] by absolute slot
+    return visible[None] & not_padding[:, None, :]
 
 
 class Attention(nn.Module):
@@ -120,14 +133,15 @@ class Attention(nn.Module):
         values: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Attend from h's tokens to keys/values [B, kv_heads, T, D] under a boolean mask [S, T]."""
+        """Attend from h's tokens to keys/values [B, kv_heads, T, D] under a boolean mask [1 or B, S, T]."""
         b, s, _ = h.shape
         q = apply_rope(self.q_norm(self.q_proj(h).view(b, s, self.num_heads, self.head_dim)), cos, sin)
         # GQA without repeating K/V: group the query heads that share a KV head.
         groups = self.num_heads // self.num_kv_heads
         q = q.transpose(1, 2).reshape(b, self.num_kv_heads, groups, s, self.head_dim)
         scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2))  # scaling is 1.0 in Gemma 4
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # A finite fill: a padding query that sees nothing stays finite (its output is never used).
+        scores = scores.masked_fill(~mask[:, None, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, values[:, :, None])  # [B, kv, groups, S, D]
         out = out.reshape(b, self.num_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
@@ -220,11 +234,14 @@ class Layer(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         causal: bool,
+        pad_lengths: torch.Tensor | None = None,
+        history: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(layer output, K, V) for x's tokens attending to the past keys and to each other."""
+        """(layer output, K, V) for x's tokens attending to the past keys and to each other
+        (`pad_lengths`, `history`: see attention_mask)."""
         h = self.input_layernorm(x)
         k, v = self.self_attn.key_value(h, cos, sin)
-        mask = attention_mask(x.shape[1], past_k.shape[2], self.window, causal, x.device)
+        mask = attention_mask(x.shape[1], past_k.shape[2], self.window, causal, x.device, pad_lengths, history)
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
         x = x + self.post_attention_layernorm(self.self_attn(h, cos, sin, keys, values, mask))

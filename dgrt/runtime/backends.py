@@ -1,0 +1,200 @@
+"""Backends run the two graphs; the generator (dgrt.runtime.generator) runs the loop around them.
+
+A backend is a runner with an explicit lifetime (use it as a context manager or call close()). Both take
+and return torch CPU tensors at the boundary; the KV cache is the generator's and is passed in as views.
+
+* TorchBackend: the dgrt.model modules, from a checkpoint folder or from an export's weights.
+* OnnxRuntimeBackend: the exported graphs on ONNX Runtime, with IO binding: inputs are bound in place
+  (the cache views included, so a denoise step copies no cache), outputs land in preallocated buffers,
+  and the self-conditioning embeddings ping-pong between two buffers without leaving them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dgrt.errors import DgrtError
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepOutputs:
+    argmax: torch.Tensor  # [B, C] int64
+    sample: torch.Tensor  # [B, C] int64
+    entropy: torch.Tensor  # [B, C] float32
+    next_soft: torch.Tensor  # [B, C, H] model dtype
+
+
+class Backend(Protocol):
+    name: str
+    dtype: torch.dtype  # of the KV cache and soft embeddings
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]: ...
+
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        soft: torch.Tensor,
+        positions: torch.Tensor,
+        pad: torch.Tensor,
+        temperature: torch.Tensor,
+        uniform: torch.Tensor,
+        past: list[KV],
+    ) -> StepOutputs: ...
+
+    def close(self) -> None: ...
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Any, threads: int | None = None):
+        from dgrt.model import Denoise
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model
+        self.dtype = model.embed_tokens.weight.dtype
+        self._denoise = Denoise(model)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
+        return self.model.prefill(ids, positions, past, pad)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        soft: torch.Tensor,
+        positions: torch.Tensor,
+        pad: torch.Tensor,
+        temperature: torch.Tensor,
+        uniform: torch.Tensor,
+        past: list[KV],
+    ) -> StepOutputs:
+        flat = [t for kv in past for t in kv]
+        return StepOutputs(*self._denoise(canvas, soft, positions, pad, temperature, uniform, *flat))
+
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self) -> TorchBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+ORT_TYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self, export_dir: Path, manifest: dict[str, Any], threads: int | None = None, providers: list[str] | None = None
+    ):
+        import onnxruntime as ort
+
+        if manifest["dtype"] == "bf16" and not providers:
+            raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        self.specs = manifest["graphs"]
+        for name, graph in self.specs.items():
+            try:
+                self.sessions[name] = ort.InferenceSession(
+                    str(export_dir / graph["file"]), options, providers=providers or ["CPUExecutionProvider"]
+                )
+            except Exception as e:  # ORT raises its own exception types for bad files
+                raise DgrtError(f"{export_dir / graph['file']}: ONNX Runtime cannot load it ({e}).") from None
+        self._bindings = {name: s.io_binding() for name, s in self.sessions.items()}
+        self._soft: list[np.ndarray] = []  # two buffers the self-conditioning embeddings ping-pong between
+        self._outputs: dict[str, np.ndarray] = {}
+
+    def _bind_inputs(self, graph: str, named: dict[str, torch.Tensor], past: list[KV]) -> Any:
+        binding = self._bindings[graph]
+        for spec in self.specs[graph]["inputs"]:
+            if "layer" in spec:
+                k, v = past[spec["layer"]]
+                tensor = k if spec["name"].endswith(".key") else v
+            else:
+                tensor = named[spec["name"]]
+            array = tensor.numpy()
+            if not array.flags.c_contiguous or array.dtype != ORT_TYPES[spec["dtype"]]:
+                raise DgrtError(f"internal: {graph} input {spec['name']} is not a contiguous {spec['dtype']} array.")
+            binding.bind_cpu_input(spec["name"], array)
+        return binding
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
+        binding = self._bind_inputs("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
+        for spec in self.specs["prefill"]["outputs"]:
+            binding.bind_output(spec["name"], "cpu")
+        self.sessions["prefill"].run_with_iobinding(binding)
+        arrays = [torch.from_numpy(a) for a in binding.copy_outputs_to_cpu()]  # the new tokens' K/V only
+        binding.clear_binding_outputs()
+        return [(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
+
+    def _output_buffers(self, batch: int, canvas: int, hidden: int) -> dict[str, np.ndarray]:
+        """Allocated once per batch shape; every step overwrites them (callers copy what they keep)."""
+        if not self._outputs or self._outputs["argmax"].shape != (batch, canvas):
+            soft_type = np.float16 if self.dtype == torch.float16 else np.float32
+            self._outputs = {
+                "argmax": np.empty((batch, canvas), np.int64),
+                "sample": np.empty((batch, canvas), np.int64),
+                "entropy": np.empty((batch, canvas), np.float32),
+            }
+            self._soft = [np.empty((batch, canvas, hidden), soft_type) for _ in range(2)]
+        return self._outputs
+
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        soft: torch.Tensor,
+        positions: torch.Tensor,
+        pad: torch.Tensor,
+        temperature: torch.Tensor,
+        uniform: torch.Tensor,
+        past: list[KV],
+    ) -> StepOutputs:
+        b, c, h = soft.shape
+        outputs = self._output_buffers(b, c, h)
+        # Write the next soft embeddings into whichever ping-pong buffer is not this step's input.
+        next_soft = self._soft[1] if np.shares_memory(soft.numpy(), self._soft[0]) else self._soft[0]
+        named = {
+            "canvas_ids": canvas,
+            "soft_embeds": soft,
+            "position_ids": positions,
+            "pad_lengths": pad,
+            "temperature": temperature,
+            "uniform": uniform,
+        }
+        binding = self._bind_inputs("denoise", named, past)
+        for name, array in (*outputs.items(), ("next_soft_embeds", next_soft)):
+            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self.sessions["denoise"].run_with_iobinding(binding)
+        return StepOutputs(
+            torch.from_numpy(outputs["argmax"]),
+            torch.from_numpy(outputs["sample"]),
+            torch.from_numpy(outputs["entropy"]),
+            torch.from_numpy(next_soft),
+        )
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self._bindings.clear()
+
+    def __enter__(self) -> OnnxRuntimeBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,88 @@
+"""The KV cache: one buffer per layer and kind, allocated once, read by every step without a copy.
+
+Each layer's past is handed to the backend as a contiguous [batch, kv_heads, length, head_dim] view of
+the front of its buffer, so a denoise step reads the cache in place (no per-step copy). Appending a
+canvas re-strides the rows in place, once per canvas. Sliding layers keep only their last
+sliding_window - 1 tokens (all the graphs ever attend to), so their buffers stay small however long the
+context grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dgrt.errors import DgrtError
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_kv_heads: int
+    head_dim: int
+    window: int | None  # sliding layers: keep the last window - 1 tokens
+
+
+class KVCache:
+    def __init__(self, layers: list[LayerShape], batch: int, capacity: int, max_new: int, dtype: torch.dtype):
+        """capacity: most tokens a full layer will hold; max_new: most tokens one append brings."""
+        self.layers, self.batch, self.capacity = layers, batch, capacity
+        self.length = 0  # tokens in the history (what a full layer holds)
+        self._kept = [0] * len(layers)  # tokens each layer holds
+        self._buffers = []
+        for shape in layers:
+            cap = capacity if shape.window is None else min(capacity, shape.window - 1 + max_new)
+            numel = batch * shape.num_kv_heads * cap * shape.head_dim
+            self._buffers.append((torch.zeros(numel, dtype=dtype), torch.zeros(numel, dtype=dtype)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._buffers)
+
+    def reset(self) -> None:
+        self.length = 0
+        self._kept = [0] * len(self.layers)
+
+    def past(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's past, [batch, kv_heads, kept, head_dim], oldest first: views, not copies."""
+        return [
+            (self._view(k, i, self._kept[i]), self._view(v, i, self._kept[i])) for i, (k, v) in enumerate(self._buffers)
+        ]
+
+    def _view(self, flat: torch.Tensor, layer: int, length: int) -> torch.Tensor:
+        s = self.layers[layer]
+        return flat[: self.batch * s.num_kv_heads * length * s.head_dim].view(
+            self.batch, s.num_kv_heads, length, s.head_dim
+        )
+
+    def append(self, new: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add the K/V of new tokens ([batch, kv_heads, n, head_dim] per layer) after the history."""
+        n = new[0][0].shape[2]
+        if self.length + n > self.capacity:
+            raise DgrtError(f"the context would reach {self.length + n} tokens; this cache holds {self.capacity}.")
+        for i, ((k_buf, v_buf), (k, v)) in enumerate(zip(self._buffers, new, strict=True)):
+            window = self.layers[i].window
+            old = self._kept[i]
+            keep = old + n if window is None else min(old + n, window - 1)
+            from_old = max(0, keep - n)  # the newest tokens of the history that stay
+            rows, dim = self.batch * self.layers[i].num_kv_heads, self.layers[i].head_dim
+            for buf, t in ((k_buf, k), (v_buf, v)):
+                _restride(buf, rows, dim, old, keep, from_old)
+                self._view(buf, i, keep)[:, :, from_old:] = t[:, :, n - (keep - from_old) :]
+            self._kept[i] = keep
+        self.length += n
+
+
+def _restride(flat: torch.Tensor, rows: int, dim: int, old: int, new: int, keep: int) -> None:
+    """In place: rows of `old` tokens become rows of `new` tokens whose first `keep` tokens are the last
+    `keep` of the old row. Rows move towards the end when they grow and towards the start when they
+    shrink, so each row is copied before anything overwrites it."""
+    if keep == 0 or rows == 0:
+        return
+    order = range(rows - 1, -1, -1) if new > old else range(rows)
+    for r in order:
+        src = (r * old + old - keep) * dim
+        dst = r * new * dim
+        if src != dst:
+            segment = flat[src : src + keep * dim]
+            flat[dst : dst + keep * dim] = segment.clone() if abs(src - dst) < keep * dim else segment
