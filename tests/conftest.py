@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dgrt.config import FULL, SLIDING
+from dgrt.exporter.onnx_export import ExportOptions, export
 from dgrt.tiny import preset_config, write_checkpoint, write_tiny
 
 torch.set_num_threads(2)
@@ -86,3 +87,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> di
     for i, (name, cfg) in enumerate(VARIANTS.items()):
         out[name] = write_checkpoint(root / name, cfg, seed=10 + i, tag=name)
     return out
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> dict[str, Path]:
+    """fp32 exports (with the debug logits output) of the tiny preset and the test variants."""
+    root = tmp_path_factory.mktemp("exports")
+    for name, ckpt in checkpoints.items():
+        export(ckpt, root / name, ExportOptions(debug_logits=True))
+    return {name: root / name for name in checkpoints}

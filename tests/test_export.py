@@ -24,15 +24,6 @@ from dgrt.model import Denoise
 TOL = 1e-4
 
 
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> dict[str, Path]:
-    """fp32 exports (with the debug logits output) of the tiny preset and the test variants."""
-    root = tmp_path_factory.mktemp("exports")
-    for name, ckpt in checkpoints.items():
-        export(ckpt, root / name, ExportOptions(debug_logits=True))
-    return {name: root / name for name in checkpoints}
-
-
 def max_err(a: np.ndarray, b: torch.Tensor) -> float:
     assert a.shape == tuple(b.shape), (a.shape, tuple(b.shape))
     return float(np.abs(a.astype(np.float64) - b.double().numpy()).max()) if a.size else 0.0

@@ -155,6 +155,7 @@ class Generator:
         chat: bool = True,
         eos_token_id: int | Sequence[int] | None = ...,  # type: ignore[assignment]
         pad_token_id: int | None = ...,  # type: ignore[assignment]
+        session: Session | None = None,
         **sampler_options: Any,
     ) -> PyGenerator[Event, None, GenerationResult]:
         sampler = self.sampler.with_overrides(**sampler_options) if sampler_options else self.sampler
@@ -166,24 +167,33 @@ class Generator:
             raise DgrtError(f"max_new_tokens is {max_new}, expected a positive integer.")
         info, c, b = self.info, self.info.canvas_length, len(rows)
         n_canvases = math.ceil(max_new / c)
-        p = max(len(r) for r in rows)
-        if p + n_canvases * c > info.max_context:
+        if session is None:
+            # Left-padded to the longest prompt; real tokens sit at positions 0.. in every row.
+            p = max(len(r) for r in rows)
+            pad = torch.tensor([p - len(r) for r in rows], dtype=torch.int64)
+            ids = torch.full((b, p), pad_id if pad_id is not None else 0, dtype=torch.int64)
+            for i, r in enumerate(rows):
+                ids[i, p - len(r) :] = torch.tensor(r, dtype=torch.int64)
+            cache = self._cache_for(b, min(p + n_canvases * c, info.max_context))
+        else:  # continue the conversation: the last canvas (not cached yet), then the new prompt
+            if b != 1:
+                raise DgrtError("a session continues one conversation; pass one prompt.")
+            ids = torch.tensor([session.pending + rows[0]], dtype=torch.int64)
+            pad, cache = torch.zeros(1, dtype=torch.int64), session.cache
+        needed = cache.length + ids.shape[1] + n_canvases * c
+        if needed > min(info.max_context, cache.capacity):
             raise DgrtError(
-                f"the prompt ({p} tokens) plus {n_canvases} canvas(es) of {c} exceeds the context this model "
-                f"supports ({info.max_context} tokens); shorten the prompt or lower max_new_tokens."
+                f"the context ({cache.length} cached + {ids.shape[1]} prompt tokens) plus {n_canvases} canvas(es) "
+                f"of {c} exceeds the {min(info.max_context, cache.capacity)} tokens this model supports; "
+                "shorten the prompt or lower max_new_tokens."
             )
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         gen = torch.Generator().manual_seed(seed)
 
-        # Prompt: left-padded to the longest; real tokens sit at positions 0.. in every row.
-        pad = torch.tensor([p - len(r) for r in rows], dtype=torch.int64)
-        ids = torch.full((b, p), pad_id if pad_id is not None else 0, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            ids[i, p - len(r) :] = torch.tensor(r, dtype=torch.int64)
-        cache = self._cache_for(b, p + n_canvases * c)
+        positions = (cache.length + torch.arange(ids.shape[1])[None] - pad[:, None]).clamp(min=0)
         t0 = time.perf_counter()
-        cache.append(self.backend.prefill(ids, (torch.arange(p)[None] - pad[:, None]).clamp(min=0), pad, cache.past()))
+        cache.append(self.backend.prefill(ids, positions, pad, cache.past()))
         prefill_seconds, step_seconds = [time.perf_counter() - t0], []
 
         eos_tensor = torch.tensor(eos, dtype=torch.int64) if eos else None
@@ -233,12 +243,14 @@ class Generator:
             emitted.append(tokens)
             yield CanvasEvent(k, tokens, self._texts(emitted, eos), now_finished)
             finished = now_finished
-            if finished.all():
+            if finished.all() or k == n_canvases - 1:  # the last canvas is not prefilled (as in transformers)
                 break
             t0 = time.perf_counter()
             cache.append(self.backend.prefill(tokens, positions, pad, cache.past()))
             prefill_seconds.append(time.perf_counter() - t0)
 
+        if session is not None:
+            session.pending = emitted[-1][0].tolist()
         new_tokens = torch.cat(emitted, dim=1)
         valid = (new_tokens != pad_id).sum(dim=1) if pad_id is not None else torch.full((b,), new_tokens.shape[1])
         return GenerationResult(
@@ -250,6 +262,11 @@ class Generator:
             step_seconds=step_seconds,
             seed=seed,
         )
+
+    def session(self, max_context: int | None = None) -> Session:
+        """A conversation (one row) whose turns continue from the KV cache of the previous ones."""
+        capacity = min(max_context or self.info.max_context, self.info.max_context)
+        return Session(self, KVCache(self.info.layers, 1, capacity, capacity, self.backend.dtype))
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -296,6 +313,21 @@ class Generator:
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
             texts.append(self.tokenizer.decode(row[:cut]))
         return texts
+
+
+class Session:
+    """Turns of one conversation. The cache keeps every turn; the last canvas of a turn is prefilled at
+    the start of the next, before the new prompt (transformers' multi-turn semantics)."""
+
+    def __init__(self, generator: Generator, cache: KVCache):
+        self.generator, self.cache = generator, cache
+        self.pending: list[int] = []
+
+    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
+        return self.generator.generate(prompt, session=self, **options)
+
+    def stream(self, prompt: Prompt, **options: Any) -> Iterator[Event]:
+        return self.generator.stream(prompt, session=self, **options)
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
