@@ -69,6 +69,78 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import json
+    import shutil
+
+    import dgrt
+    from dgrt.runtime.generator import CanvasEvent, StepEvent
+
+    gen = dgrt.load(args.path, backend=args.backend, threads=args.threads)
+    options: dict[str, object] = {"seed": args.seed, "chat": not args.raw}
+    for name in (
+        "max_new_tokens",
+        "steps",
+        "t_min",
+        "t_max",
+        "entropy_bound",
+        "stability_threshold",
+        "confidence_threshold",
+    ):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.no_adaptive:
+        options.update(stability_threshold=None, confidence_threshold=None)
+    if args.eos_id is not None:
+        options["eos_token_id"] = args.eos_id
+    prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
+    live = args.stream and sys.stdout.isatty()
+    committed: list[str] = [""] * len(args.prompt)
+    width = shutil.get_terminal_size().columns
+
+    def show(event: object) -> None:
+        if isinstance(event, CanvasEvent):
+            committed[:] = event.texts
+        if not args.stream or gen.tokenizer is None:
+            return
+        if isinstance(event, StepEvent):
+            drafts = [gen.tokenizer.decode(row) for row in event.draft.tolist()]
+            lines = [
+                f"[canvas {event.canvas_index + 1}, step {event.step:>3}] {t}{d}" for t, d in zip(committed, drafts)
+            ]
+        else:
+            lines = [f"[canvas {event.canvas_index + 1} done] {t}" for t in committed]
+        flat = [line.replace("\n", "\u23ce")[: width - 1] for line in lines]
+        if live:
+            up = f"\033[{len(flat)}F" if getattr(show, "drawn", False) else ""
+            sys.stdout.write(up + "".join(f"\033[K{line}\n" for line in flat))
+            show.drawn = True  # type: ignore[attr-defined]
+        elif isinstance(event, CanvasEvent):
+            print("\n".join(flat))
+        sys.stdout.flush()
+
+    result = gen.generate(prompts, on_event=show, **options)
+    if args.json:
+        steps = result.step_seconds
+        stats = {
+            "backend": gen.backend.name,
+            "mean_step_seconds": sum(steps) / len(steps) if steps else None,
+            "total_prefill_seconds": sum(result.prefill_seconds),
+        }
+        print(json.dumps(result.to_json() | stats, indent=2))
+        return
+    for text in result.texts:
+        print(text)
+    steps = [s for row in result.steps_per_canvas for s in row if s]
+    step_ms = 1e3 * sum(result.step_seconds) / max(1, len(result.step_seconds))
+    print(
+        f"[{gen.backend.name}] {len(result.step_seconds)} denoise steps ({step_ms:.1f} ms each), "
+        f"{sum(steps) / max(1, len(steps)):.1f} steps per canvas, tokens per forward "
+        f"{', '.join(f'{t:.2f}' for t in result.tokens_per_forward)}, seed {result.seed}",
+        file=sys.stderr,
+    )
+
+
 def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
     """(median, min, max) seconds of fn over `repeats` runs after one warm-up."""
     fn()
@@ -145,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per graph (default 5)")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("generate", help="generate text from an export directory or a checkpoint folder")
+    p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (several make a batch)")
+    p.add_argument("--backend", choices=["onnxruntime", "torch"], help="default: onnxruntime for exports")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--steps", type=int, help="denoising steps per canvas (max_denoising_steps)")
+    p.add_argument("--t-min", type=float)
+    p.add_argument("--t-max", type=float)
+    p.add_argument("--entropy-bound", type=float)
+    p.add_argument("--stability-threshold", type=int)
+    p.add_argument("--confidence-threshold", type=float)
+    p.add_argument("--no-adaptive", action="store_true", help="always run every step")
+    p.add_argument("--eos-id", type=int, nargs="*", help="EOS token ids (default: the checkpoint's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--stream", action="store_true", help="show the canvas being refined, step by step")
+    p.add_argument("--json", action="store_true", help="print ids, text and statistics as JSON")
+    p.set_defaults(func=_cmd_generate)
+
     p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -182,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DgrtError as e:
         print(f"dgrt: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a command that stopped reading (head, less)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

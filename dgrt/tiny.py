@@ -12,6 +12,7 @@ generations are not chaotic.
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,8 @@ ROPE_PARAMETERS = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 
-# Character-level vocabulary: specials, then newline, space and printable ASCII, then unused slots; the
+# Character-level vocabulary: specials, then newline, space and printable ASCII, then more letters and
+# symbols beyond ASCII to fill the vocabulary (so a random model's output reads as text, not markup); the
 # last three ids are the image tokens every DiffusionGemma config names.
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, START_TURN_ID, END_TURN_ID = range(6)
@@ -195,6 +197,17 @@ def vision_weights(hidden_size: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _extra_chars(n: int) -> list[str]:
+    """The first n letters, digits, punctuation and symbols after ASCII (no marks, spaces or controls)."""
+    out, code = [], 0xA1
+    while len(out) < n:
+        ch = chr(code)
+        if unicodedata.category(ch)[0] in "LNPS":
+            out.append(ch)
+        code += 1
+    return out
+
+
 def tokenizer_json(vocab_size: int) -> str:
     """A character-level `tokenizers` tokenizer covering exactly `vocab_size` ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -202,8 +215,7 @@ def tokenizer_json(vocab_size: int) -> str:
     fixed = len(SPECIALS) + len(CHARS) + len(IMAGE_TOKENS)
     if vocab_size < fixed:
         raise ValueError(f"vocab_size {vocab_size} is too small for the character tokenizer (needs >= {fixed})")
-    unused = [f"<unused{i}>" for i in range(vocab_size - fixed)]
-    tokens = SPECIALS + CHARS + unused + IMAGE_TOKENS
+    tokens = SPECIALS + CHARS + _extra_chars(vocab_size - fixed) + IMAGE_TOKENS
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -40,3 +40,57 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args: list[str], message: str
     assert r.returncode == 2
     assert message in r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("dgrt: error: ")
+
+
+def test_generate_json_has_ids_text_and_statistics(exports: dict[str, Path]) -> None:
+    import json
+
+    r = dgrt(
+        "generate",
+        str(exports["tiny"]),
+        "Hello",
+        "Bye",
+        "--steps",
+        "3",
+        "--max-new-tokens",
+        "32",
+        "--seed",
+        "4",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["tokens"]) == 2 and len(out["texts"]) == 2
+    assert out["steps_per_canvas"][0][0] <= 3 and out["seed"] == 4 and out["backend"] == "onnxruntime"
+    assert out["mean_step_seconds"] > 0 and len(out["prefill_seconds"]) >= 1
+
+
+def test_generate_stream_prints_each_canvas(exports: dict[str, Path]) -> None:
+    r = dgrt(
+        "generate",
+        str(exports["tiny"]),
+        "Hello",
+        "--steps",
+        "2",
+        "--max-new-tokens",
+        "32",
+        "--stream",
+        "--no-adaptive",
+        "--eos-id",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "[canvas 1 done]" in r.stdout and "[canvas 2 done]" in r.stdout
+    assert "denoise steps" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "/nonexistent", "hi"], "neither an export directory"),
+        (["generate", "{export}", "hi", "--steps", "0"], "steps is 0"),
+        (["generate", "{export}", ""], "the prompt is empty"),
+    ],
+)
+def test_generate_bad_input(exports: dict[str, Path], args: list[str], message: str) -> None:
+    r = dgrt(*[a.format(export=exports["tiny"]) for a in args])
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
