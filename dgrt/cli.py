@@ -98,7 +98,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     committed: list[str] = [""] * len(args.prompt)
     width = shutil.get_terminal_size().columns
 
-    def show(event: object) -> None:
+    def show(event: StepEvent | CanvasEvent) -> None:
         if isinstance(event, CanvasEvent):
             committed[:] = event.texts
         if not args.stream or gen.tokenizer is None:
@@ -106,7 +106,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         if isinstance(event, StepEvent):
             drafts = [gen.tokenizer.decode(row) for row in event.draft.tolist()]
             lines = [
-                f"[canvas {event.canvas_index + 1}, step {event.step:>3}] {t}{d}" for t, d in zip(committed, drafts)
+                f"[canvas {event.canvas_index + 1}, step {event.step:>3}] {t}{d}"
+                for t, d in zip(committed, drafts, strict=True)
             ]
         else:
             lines = [f"[canvas {event.canvas_index + 1} done] {t}" for t in committed]

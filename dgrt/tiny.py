@@ -199,7 +199,8 @@ def vision_weights(hidden_size: int) -> dict[str, torch.Tensor]:
 
 def _extra_chars(n: int) -> list[str]:
     """The first n letters, digits, punctuation and symbols after ASCII (no marks, spaces or controls)."""
-    out, code = [], 0xA1
+    out: list[str] = []
+    code = 0xA1
     while len(out) < n:
         ch = chr(code)
         if unicodedata.category(ch)[0] in "LNPS":
