@@ -11,8 +11,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(path: str | PathLike[str], backend: str | None = None, threads: int | None = None) -> Generator:
+def load(
+    path: str | PathLike[str], backend: str | None = None, threads: int | None = None, prepack: bool = False
+) -> Generator:
     """Load an export directory or a checkpoint folder for generation; see dgrt.runtime.load.load."""
     from dgrt.runtime.load import load as _load
 
-    return _load(path, backend=backend, threads=threads)
+    return _load(path, backend=backend, threads=threads, prepack=prepack)

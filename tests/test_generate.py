@@ -191,3 +191,35 @@ def test_bad_requests_give_one_clear_error(exports: dict[str, Path], prompt, opt
     with pytest.raises(dgrt.errors.DgrtError) as err:
         dgrt.load(exports["tiny"]).generate(prompt, **options)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "denoise.onnx").write_bytes(b"not onnx"), "does not match the denoise graph"),
+        (lambda d: (d / "weights.bin").write_bytes(b"short"), "weights.bin has 5 bytes; manifest.json says"),
+        (lambda d: (d / "weights.bin").unlink(), "weights.bin is missing"),
+        (lambda d: (d / "manifest.json").write_text("{"), "manifest.json: not valid JSON"),
+        (
+            lambda d: (d / "manifest.json").write_text('{"format": "dgrt-export", "format_version": 99}'),
+            "format_version 99 is not supported",
+        ),
+        (lambda d: (d / "manifest.json").unlink(), "neither an export directory"),
+    ],
+)
+def test_corrupt_or_mismatched_exports_are_refused(tmp_path: Path, exports: dict[str, Path], damage, message) -> None:
+    import shutil
+
+    broken = tmp_path / "export"
+    shutil.copytree(exports["tiny"], broken)
+    damage(broken)
+    with pytest.raises(dgrt.errors.DgrtError) as err:
+        dgrt.load(broken)
+    assert message in str(err.value)
+
+
+def test_checkpoints_run_on_torch_only(tiny_ckpt: Path) -> None:
+    with pytest.raises(dgrt.errors.DgrtError, match="the onnxruntime backend runs exports"):
+        dgrt.load(tiny_ckpt, backend="onnxruntime")
+    with pytest.raises(dgrt.errors.DgrtError, match="unknown backend 'tensorflow'"):
+        dgrt.load(tiny_ckpt, backend="tensorflow")

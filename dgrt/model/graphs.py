@@ -13,6 +13,7 @@ from the end, so both give the same result). Positions are explicit inputs, used
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgrt.config import ModelConfig
@@ -89,7 +90,8 @@ class DiffusionGemma(nn.Module):
         for layer, (past_k, past_v) in zip(self.blocks, past, strict=True):
             cos, sin = rope[layer.spec.layer_type]
             x, _, _ = layer(x, cos, sin, past_k, past_v, False, pad_lengths, history)
-        logits = torch.matmul(self.norm(x), self.embed_tokens.weight.t()).float()
+        h = self.norm(x)  # the LM head is the tied embedding, applied as a 2-D linear (see layers.Linear)
+        logits = F.linear(h.reshape(-1, h.shape[-1]), self.embed_tokens.weight).reshape(*h.shape[:-1], -1).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -31,6 +31,18 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """A bias-free linear layer applied to the tokens as one 2-D matrix. It exports as a single Gemm that
+    reads the weight as stored; a 3-D input would export as MatMul after a Transpose of the weight, which
+    ONNX Runtime constant-folds into a private copy of every weight in every session."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -107,10 +119,10 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = spec.num_kv_heads
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False) if spec.has_v_proj else None
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=False) if spec.has_v_proj else None
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
@@ -151,9 +163,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
@@ -165,7 +177,7 @@ class Router(nn.Module):
         self.top_k = cfg.top_k_experts
         self.root_size = cfg.hidden_size**-0.5
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
@@ -191,11 +203,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        # Plain batched MatMuls and slices: every backend (TensorRT included) runs them.
-        gate_up = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
-        gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
-        out = torch.matmul(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, H]
-        mixed = torch.matmul(routing[:, None, :], out.float().transpose(0, 1))  # [N, 1, E] @ [N, E, H]
+        # Weights times transposed activations: batched MatMuls that read the weights as stored (no
+        # weight Transpose for a runtime to fold into a copy), and slices instead of split.
+        gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, N]
+        gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+        out = torch.matmul(self.down_proj, gelu_tanh(gate) * up)  # [E, H, N]
+        mixed = torch.matmul(routing[:, None, :], out.float().permute(2, 0, 1))  # [N, 1, E] @ [N, E, H]
         return mixed.squeeze(1).to(x.dtype)
 
 
@@ -263,9 +276,9 @@ class SelfConditioning(nn.Module):
         h = cfg.hidden_size
         self.pre_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_norm = RMSNorm(h, cfg.rms_norm_eps, with_scale=False)
-        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_proj = Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, h, bias=False)
 
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         n = self.pre_norm(soft)

@@ -98,19 +98,29 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, export_dir: Path, manifest: dict[str, Any], threads: int | None = None, providers: list[str] | None = None
+        self,
+        export_dir: Path,
+        manifest: dict[str, Any],
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        prepack: bool = False,
     ):
+        """prepack: let the denoise session pre-pack its weights for faster GEMMs, at the cost of a private
+        copy of them. Off by default: both sessions then read the one memory-mapped weights file, shared
+        (see README, "Memory")."""
         import onnxruntime as ort
 
         if manifest["dtype"] == "bf16" and not providers:
             raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.sessions = {}
         self.specs = manifest["graphs"]
         for name, graph in self.specs.items():
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            if not (prepack and name == "denoise"):
+                options.add_session_config_entry("session.disable_prepacking", "1")
             try:
                 self.sessions[name] = ort.InferenceSession(
                     str(export_dir / graph["file"]), options, providers=providers or ["CPUExecutionProvider"]

@@ -19,17 +19,20 @@ from dgrt.runtime.tokenizer import Tokenizer
 BACKENDS = ("onnxruntime", "torch")
 
 
-def load(path: str | PathLike[str], backend: str | None = None, threads: int | None = None) -> Generator:
+def load(
+    path: str | PathLike[str], backend: str | None = None, threads: int | None = None, prepack: bool = False
+) -> Generator:
     """Load a model for generation.
 
     path: an export directory (manifest.json; default backend onnxruntime, or torch from its weights) or a
     checkpoint folder in Hugging Face layout (config.json; torch only). threads: CPU threads for the backend.
+    prepack (onnxruntime): pre-pack the denoise graph's weights, a private copy traded for speed.
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise DgrtError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
     if (path / "manifest.json").exists():
-        return _load_export(path, backend or "onnxruntime", threads)
+        return _load_export(path, backend or "onnxruntime", threads, prepack)
     if (path / "config.json").exists():
         if backend not in (None, "torch"):
             raise DgrtError(f"{path} is a checkpoint; the {backend} backend runs exports (make one with dgrt export).")
@@ -81,7 +84,7 @@ def _load_checkpoint(path: Path, threads: int | None) -> Generator:
     return _generator(TorchBackend(load_model(ckpt), threads), path, ckpt.config, ckpt.config.max_position_embeddings)
 
 
-def _load_export(path: Path, backend: str, threads: int | None) -> Generator:
+def _load_export(path: Path, backend: str, threads: int | None, prepack: bool) -> Generator:
     from dgrt.exporter import manifest as manifest_mod
 
     manifest = manifest_mod.load(path)
@@ -96,7 +99,7 @@ def _load_export(path: Path, backend: str, threads: int | None) -> Generator:
     cfg = ModelConfig.from_dict(manifest["config"], f"{path / 'manifest.json'} config")
     runner: Backend
     if backend == "onnxruntime":
-        runner = OnnxRuntimeBackend(path, manifest, threads)
+        runner = OnnxRuntimeBackend(path, manifest, threads, prepack=prepack)
     else:
         runner = TorchBackend(_model_from_export(path, manifest, cfg), threads)
     return _generator(runner, path, cfg, manifest["max_context"])
