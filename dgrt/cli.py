@@ -6,7 +6,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -71,56 +71,23 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     import json
-    import shutil
 
     import dgrt
-    from dgrt.runtime.generator import CanvasEvent, StepEvent
+    from dgrt.runtime.display import CanvasDisplay, summary
 
     gen = dgrt.load(args.path, backend=args.backend, threads=args.threads)
     options: dict[str, object] = {"seed": args.seed, "chat": not args.raw}
-    for name in (
-        "max_new_tokens",
-        "steps",
-        "t_min",
-        "t_max",
-        "entropy_bound",
-        "stability_threshold",
-        "confidence_threshold",
-    ):
+    for name in ("max_new_tokens", "steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+                 "confidence_threshold"):  # fmt: skip
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.no_adaptive:
         options.update(stability_threshold=None, confidence_threshold=None)
     if args.eos_id is not None:
         options["eos_token_id"] = args.eos_id
-    prompts = args.prompt if len(args.prompt) > 1 else args.prompt[0]
-    live = args.stream and sys.stdout.isatty()
-    committed: list[str] = [""] * len(args.prompt)
-    width = shutil.get_terminal_size().columns
-
-    def show(event: StepEvent | CanvasEvent) -> None:
-        if isinstance(event, CanvasEvent):
-            committed[:] = event.texts
-        if not args.stream or gen.tokenizer is None:
-            return
-        if isinstance(event, StepEvent):
-            drafts = [gen.tokenizer.decode(row) for row in event.draft.tolist()]
-            lines = [
-                f"[canvas {event.canvas_index + 1}, step {event.step:>3}] {t}{d}"
-                for t, d in zip(committed, drafts, strict=True)
-            ]
-        else:
-            lines = [f"[canvas {event.canvas_index + 1} done] {t}" for t in committed]
-        flat = [line.replace("\n", "\u23ce")[: width - 1] for line in lines]
-        if live:
-            up = f"\033[{len(flat)}F" if getattr(show, "drawn", False) else ""
-            sys.stdout.write(up + "".join(f"\033[K{line}\n" for line in flat))
-            show.drawn = True  # type: ignore[attr-defined]
-        elif isinstance(event, CanvasEvent):
-            print("\n".join(flat))
-        sys.stdout.flush()
-
-    result = gen.generate(prompts, on_event=show, **options)
+    if args.stream:
+        options["on_event"] = CanvasDisplay(gen.tokenizer, len(args.prompt))
+    result = gen.generate(args.prompt if len(args.prompt) > 1 else args.prompt[0], **options)
     if args.json:
         steps = result.step_seconds
         stats = {
@@ -132,69 +99,30 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         return
     for text in result.texts:
         print(text)
-    steps = [s for row in result.steps_per_canvas for s in row if s]
-    step_ms = 1e3 * sum(result.step_seconds) / max(1, len(result.step_seconds))
-    print(
-        f"[{gen.backend.name}] {len(result.step_seconds)} denoise steps ({step_ms:.1f} ms each), "
-        f"{sum(steps) / max(1, len(steps)):.1f} steps per canvas, tokens per forward "
-        f"{', '.join(f'{t:.2f}' for t in result.tokens_per_forward)}, seed {result.seed}",
-        file=sys.stderr,
-    )
-
-
-def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) seconds of fn over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
+    print(summary(result, gen.backend.name), file=sys.stderr)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    import torch
-
-    from dgrt.checkpoint import Checkpoint, load_model
-    from dgrt.runtime.tokenizer import Tokenizer
+    import dgrt
+    from dgrt.exporter.onnx_export import export
+    from dgrt.progress import Progress
+    from dgrt.runtime.display import CanvasDisplay, summary
     from dgrt.tiny import write_tiny
 
     with tempfile.TemporaryDirectory(prefix="dgrt-demo-") as tmp:
         t0 = time.perf_counter()
-        path = write_tiny(Path(tmp) / args.preset, preset=args.preset, seed=0)
-        ckpt = Checkpoint.open(path)
-        model = load_model(ckpt)
-        tok = Tokenizer.from_dir(path)
-        print(f"made the '{args.preset}' random checkpoint and loaded it in {time.perf_counter() - t0:.2f} s")
-
-        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": args.prompt}])])
-        cfg = ckpt.config
-        b, p, c = ids.shape[0], ids.shape[1], cfg.canvas_length
-        positions = torch.arange(p)[None]
-        canvas = torch.randint(0, cfg.vocab_size, (b, c), generator=torch.Generator().manual_seed(0))
-        canvas_positions = torch.arange(p, p + c)[None]
-        soft = torch.zeros(b, c, cfg.hidden_size)
-        with torch.inference_mode():
-            past = model.prefill(ids, positions, model.empty_past(b))
-            logits = model.denoise(canvas, soft, canvas_positions, past)
-            t_pre = _median_time(lambda: model.prefill(ids, positions, model.empty_past(b)), args.repeats)
-            t_den = _median_time(lambda: model.denoise(canvas, soft, canvas_positions, past), args.repeats)
-
-    print(f"prompt         {args.prompt!r} -> {p} tokens with the chat template")
-    print(
-        f"prefill        input_ids {list(ids.shape)} -> {len(past)} layers of K/V, "
-        f"layer 0 K {list(past[0][0].shape)}, last layer K {list(past[-1][0].shape)}"
-    )
-    print(f"denoise        canvas {list(canvas.shape)} + soft {list(soft.shape)} -> logits {list(logits.shape)}")
-    print(f"draft          {tok.decode(logits.argmax(-1)[0].tolist())!r} (random weights: noise)")
-    print(
-        f"timing         torch CPU, {torch.get_num_threads()} threads, median (min-max) of {args.repeats} "
-        "runs after a warm-up"
-    )
-    for name, (med, lo, hi) in (("prefill", t_pre), ("denoise step", t_den)):
-        print(f"  {name:<13} {med * 1e3:8.2f} ms ({lo * 1e3:.2f}-{hi * 1e3:.2f})")
+        ckpt = write_tiny(Path(tmp) / args.preset, preset=args.preset, seed=0)
+        manifest = export(ckpt, Path(tmp) / "onnx", progress=Progress())
+        print(
+            f"made the '{args.preset}' random checkpoint and exported it to ONNX in "
+            f"{time.perf_counter() - t0:.1f} s (weights {manifest['weights']['bytes'] / 2**20:.1f} MiB, "
+            "TensorRT lint passed)"
+        )
+        with dgrt.load(Path(tmp) / "onnx") as gen:
+            print(f"prompt: {args.prompt!r} (chat template applied)")
+            result = gen.generate(args.prompt, seed=0, on_event=CanvasDisplay(gen.tokenizer, 1))
+            print(summary(result, gen.backend.name))
+    print("random weights: the text is noise, and entropies stay too high for adaptive stopping to end a canvas early")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -212,10 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dgrt.tiny import PRESETS
 
-    p = sub.add_parser("demo", help="make a small random checkpoint and run its prefill and one denoise step")
+    p = sub.add_parser("demo", help="make a small random checkpoint, export it and generate with the canvas shown live")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--prompt", default="Reverse the string 'diffusion'.")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per graph (default 5)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="generate text from an export directory or a checkpoint folder")
