@@ -20,7 +20,7 @@ CHILD = r"""
 import json, re, sys, time, torch
 from pathlib import Path
 from dgrt.exporter import manifest as mf
-from dgrt.runtime.backends import OnnxRuntimeBackend
+from dgrt.runtime.backends import DenoiseInputs, OnnxRuntimeBackend
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.runtime.load import _info
 from dgrt.config import ModelConfig
@@ -45,8 +45,9 @@ soft = torch.zeros(1, c, info.hidden_size)
 times = []
 for step in range(6):
     t = time.perf_counter()
-    out = backend.denoise(torch.randint(0, info.vocab_size, (1, c)), soft, torch.arange(p, p + c)[None], zero,
-                          torch.tensor([0.7]), torch.rand(1, c), cache.past())
+    inputs = DenoiseInputs(torch.randint(0, info.vocab_size, (1, c)), soft, torch.arange(p, p + c)[None], zero,
+                           torch.tensor([0.7]), torch.rand(1, c))
+    out = backend.denoise(inputs, cache.past())
     times.append(time.perf_counter() - t)
     soft = out.next_soft
 times = sorted(times[1:])

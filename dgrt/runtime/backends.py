@@ -11,7 +11,7 @@ and return torch CPU tensors at the boundary; the KV cache is the generator's an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,11 +24,28 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
+class DenoiseInputs:
+    """One denoise step's inputs besides the cache; field names are the graph's input names."""
+
+    canvas_ids: torch.Tensor  # [B, C] int64
+    soft_embeds: torch.Tensor  # [B, C, H] model dtype
+    position_ids: torch.Tensor  # [B, C] int64
+    pad_lengths: torch.Tensor  # [B] int64
+    temperature: torch.Tensor  # [B] float32
+    uniform: torch.Tensor  # [B, C] float32
+
+
+@dataclass
 class StepOutputs:
     argmax: torch.Tensor  # [B, C] int64
     sample: torch.Tensor  # [B, C] int64
     entropy: torch.Tensor  # [B, C] float32
     next_soft: torch.Tensor  # [B, C, H] model dtype
+
+
+def astuple_shallow(inputs: DenoiseInputs) -> tuple[torch.Tensor, ...]:
+    """The fields in graph input order (dataclasses.astuple would deep-copy the tensors)."""
+    return tuple(getattr(inputs, f.name) for f in fields(inputs))
 
 
 class Backend(Protocol):
@@ -37,16 +54,7 @@ class Backend(Protocol):
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]: ...
 
-    def denoise(
-        self,
-        canvas: torch.Tensor,
-        soft: torch.Tensor,
-        positions: torch.Tensor,
-        pad: torch.Tensor,
-        temperature: torch.Tensor,
-        uniform: torch.Tensor,
-        past: list[KV],
-    ) -> StepOutputs: ...
+    def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs: ...
 
     def close(self) -> None: ...
 
@@ -68,18 +76,9 @@ class TorchBackend:
         return self.model.prefill(ids, positions, past, pad)
 
     @torch.inference_mode()
-    def denoise(
-        self,
-        canvas: torch.Tensor,
-        soft: torch.Tensor,
-        positions: torch.Tensor,
-        pad: torch.Tensor,
-        temperature: torch.Tensor,
-        uniform: torch.Tensor,
-        past: list[KV],
-    ) -> StepOutputs:
+    def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
         flat = [t for kv in past for t in kv]
-        return StepOutputs(*self._denoise(canvas, soft, positions, pad, temperature, uniform, *flat))
+        return StepOutputs(*self._denoise(*astuple_shallow(inputs), *flat))
 
     def close(self) -> None:
         self.model = None
@@ -166,28 +165,12 @@ class OnnxRuntimeBackend:
             self._soft = [np.empty((batch, canvas, hidden), soft_type) for _ in range(2)]
         return self._outputs
 
-    def denoise(
-        self,
-        canvas: torch.Tensor,
-        soft: torch.Tensor,
-        positions: torch.Tensor,
-        pad: torch.Tensor,
-        temperature: torch.Tensor,
-        uniform: torch.Tensor,
-        past: list[KV],
-    ) -> StepOutputs:
-        b, c, h = soft.shape
-        outputs = self._output_buffers(b, c, h)
+    def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
+        soft = inputs.soft_embeds
+        outputs = self._output_buffers(*soft.shape)
         # Write the next soft embeddings into whichever ping-pong buffer is not this step's input.
         next_soft = self._soft[1] if np.shares_memory(soft.numpy(), self._soft[0]) else self._soft[0]
-        named = {
-            "canvas_ids": canvas,
-            "soft_embeds": soft,
-            "position_ids": positions,
-            "pad_lengths": pad,
-            "temperature": temperature,
-            "uniform": uniform,
-        }
+        named = {f.name: getattr(inputs, f.name) for f in fields(inputs)}
         binding = self._bind_inputs("denoise", named, past)
         for name, array in (*outputs.items(), ("next_soft_embeds", next_soft)):
             binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dgrt.errors import DgrtError
-from dgrt.runtime.backends import Backend
+from dgrt.runtime.backends import Backend, DenoiseInputs
 from dgrt.runtime.kv_cache import KVCache, LayerShape
 from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas
 from dgrt.runtime.tokenizer import Tokenizer
@@ -219,7 +219,8 @@ class Generator:
                 temperature.fill_(sampler.temperature(step).item())
                 uniform = torch.rand((b, c), generator=gen)
                 t0 = time.perf_counter()
-                out = self.backend.denoise(canvas, soft, positions, pad, temperature, uniform, cache.past())
+                inputs = DenoiseInputs(canvas, soft, positions, pad, temperature, uniform)
+                out = self.backend.denoise(inputs, cache.past())
                 step_seconds.append(time.perf_counter() - t0)
                 noise = torch.randint(0, info.vocab_size, (b, c), generator=gen)
                 new_canvas = torch.where(accept(out.entropy, sampler.entropy_bound), out.sample, noise)
