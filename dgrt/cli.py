@@ -102,6 +102,27 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(summary(result, gen.backend.name), file=sys.stderr)
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from dgrt.fsutil import atomic_write_text
+    from dgrt.validate import DEFAULT_PROMPTS, validate
+
+    report = validate(
+        args.path,
+        args.reference,
+        backend=args.backend,
+        prompts=tuple(args.prompt or DEFAULT_PROMPTS),
+        canvases=args.canvases,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    print(report.format())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     import dgrt
     from dgrt.exporter.onnx_export import export
@@ -164,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="show the canvas being refined, step by step")
     p.add_argument("--json", action="store_true", help="print ids, text and statistics as JSON")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("validate", help="compare an export with the PyTorch reference (transformers)")
+    p.add_argument("path", type=Path, help="an export directory")
+    p.add_argument("--reference", type=Path, required=True, help="the checkpoint folder the export came from")
+    p.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime")
+    p.add_argument("--prompt", action="append", help="a validation prompt (repeatable; default: three built in)")
+    p.add_argument("--canvases", type=int, default=2, help="canvases per prompt (default 2)")
+    p.add_argument("--steps", type=int, help="denoising steps per canvas (default: generation_config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
     p.add_argument("out_dir", type=Path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from dgrt import __version__
 from dgrt.checkpoint import Checkpoint
 from dgrt.errors import DgrtError
 from dgrt.exporter.io_spec import DIMS, GraphSpec
+from dgrt.fsutil import atomic_write_text
 
 FILE = "manifest.json"
 FORMAT = "dgrt-export"
@@ -87,9 +87,7 @@ def build(
 
 def write(out: Path, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically (temp file + rename)."""
-    tmp = out / f".{FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / FILE)
+    atomic_write_text(out / FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def load(export_dir: str | Path) -> dict[str, Any]:

@@ -80,11 +80,18 @@ def export(
 
     model, buffers = _meta_model(ckpt, TORCH_DTYPES[dtype])
     specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
-    modules: dict[str, nn.Module] = {"prefill": Prefill(model), "denoise": Denoise(model, options.debug_logits)}
+    # The denoise graph is always traced with its logits output, then loses it unless asked for: the
+    # value keeps the name "logits" inside the graph, where `dgrt validate` can expose it again.
+    traced = {
+        "prefill": (Prefill(model), specs["prefill"]),
+        "denoise": (Denoise(model, True), denoise_spec(cfg, dtype, True)),
+    }
     graphs = {}
-    for i, (name, spec) in enumerate(specs.items()):
+    for i, (name, (module, spec)) in enumerate(traced.items()):
         progress.update(f"tracing {name} graph ({i + 1}/2)")
-        graphs[name] = _trace(modules[name], spec, options.opset, max_context)
+        graphs[name] = _trace(module, spec, options.opset, max_context)
+    if not options.debug_logits:
+        graphs["denoise"].graph.outputs.pop()  # "logits", the last output
 
     with atomic_dir(Path(out_dir), force=force) as tmp:
         weights = WeightFile(tmp / WEIGHTS_FILE)

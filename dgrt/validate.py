@@ -1,0 +1,352 @@
+"""`dgrt validate`: an export, on any backend, against the PyTorch reference (transformers' DiffusionGemma).
+
+Three kinds of evidence, each against a threshold for the export's precision:
+
+* prefill, teacher-forced: the K/V the export writes for prompts and for finished canvases, against the
+  reference's DynamicCache;
+* denoise, teacher-forced on real denoising inputs: the reference runs its own sampler loop, and at every
+  step the export gets exactly the reference's canvas, self-conditioning input and cache; its logits are
+  compared (max and mean abs error, worst per-position cosine, argmax agreement);
+* end to end, with shared noise: dgrt's loop and the reference's generate draw the same random numbers
+  (the reference's multinomial is replaced by the same inverse-CDF draw); token agreement and steps per
+  canvas.
+
+Polygraphy's comparator was considered: its per-output tolerance checks fit the teacher-forced tensors, but
+the teacher forcing itself (feeding the reference's trajectory and cache) and the end-to-end run need
+custom drivers anyway, so the few statistics are computed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dgrt.errors import DgrtError
+from dgrt.model.sampling import sample_from_uniform
+from dgrt.runtime.backends import Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend
+from dgrt.runtime.generator import Generator, ModelInfo
+from dgrt.runtime.sampler import accept
+
+DEFAULT_PROMPTS = (
+    "Reverse the string 'diffusion'.",
+    "List three prime numbers.",
+    "Write one sentence about the sea.",
+)
+
+
+# fp32 bounds: ~100x what the tests measure against transformers (<= 1e-5 in logits and K/V).
+FP32_BOUNDS = {"kv_max": 1e-3, "logits_max": 1e-3, "logits_mean": 1e-4, "min_cosine": 0.99999, "argmax": 0.999,
+               "tokens": 0.99, "steps": 0.05}  # fmt: skip
+
+
+def _bounds(dtype: str, baseline: tuple[_Stats, _Stats] | None) -> dict[str, float | None]:
+    """Pass bounds. In fp16/bf16 the error is the precision's own: dgrt's PyTorch modules at that dtype,
+    run on the same teacher-forced inputs, measure it (the baseline), and the export may be at most twice
+    as far from fp32 (plus a small floor). Whole sequences diverge in low precision after the first
+    changed acceptance, so token agreement is reported, not bounded there."""
+    if baseline is None:
+        return dict(FP32_BOUNDS)
+    kv, logits = baseline
+    return {
+        "kv_max": 2 * kv.max_abs + 1e-3,
+        "logits_max": 2 * logits.max_abs + 1e-3,
+        "logits_mean": 2 * logits.mean_abs + 1e-4,
+        "min_cosine": None,
+        "argmax": logits.agreement - 0.02,
+        "tokens": None,
+        "steps": 0.2,
+    }
+
+
+@dataclass
+class Check:
+    name: str
+    measured: float
+    bound: float | None
+    higher_is_better: bool = False
+
+    @property
+    def ok(self) -> bool:
+        if self.bound is None:
+            return True
+        return self.measured >= self.bound if self.higher_is_better else self.measured <= self.bound
+
+
+@dataclass
+class Report:
+    export: str
+    reference: str
+    backend: str
+    dtype: str
+    same_checkpoint: bool
+    checks: list[Check] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok, "checks": [asdict(c) | {"ok": c.ok} for c in self.checks]}
+
+    def format(self) -> str:
+        lines = [f"validate {self.export} ({self.dtype}, {self.backend}) against {self.reference}"]
+        if not self.same_checkpoint:
+            lines.append("warning: the export was made from another checkpoint (digests differ)")
+        lines.append(f"{'check':<42}{'measured':>14}{'bound':>14}  result")
+        for c in self.checks:
+            bound = "-" if c.bound is None else f"{'>=' if c.higher_is_better else '<='}{c.bound:.6g}"
+            lines.append(f"{c.name:<42}{c.measured:>14.7g}{bound:>14}  {'ok' if c.ok else 'FAIL'}")
+        lines.append("validation passed" if self.ok else "validation FAILED")
+        return "\n".join(lines)
+
+
+class _Stats:
+    """Running error statistics of one compared quantity."""
+
+    def __init__(self) -> None:
+        self.max_abs, self.abs_sum, self.count, self.min_cos = 0.0, 0.0, 0, 1.0
+        self.agree, self.positions = 0, 0
+
+    def add(self, ours: torch.Tensor, ref: torch.Tensor, positions: bool = False) -> None:
+        diff = (ours.double() - ref.double()).abs()
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.abs_sum += float(diff.sum())
+        self.count += diff.numel()
+        if positions:  # [..., V]: cosine and argmax per position
+            cos = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
+            self.min_cos = min(self.min_cos, float(cos.min()))
+            self.agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+            self.positions += cos.numel()
+
+    @property
+    def mean_abs(self) -> float:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / max(self.positions, 1)
+
+
+def validate(
+    export_dir: str | Path,
+    reference_dir: str | Path,
+    backend: str = "onnxruntime",
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+    canvases: int = 2,
+    steps: int | None = None,
+    seed: int = 0,
+) -> Report:
+    import dgrt
+
+    try:
+        import transformers
+    except ImportError:
+        raise DgrtError("the reference needs transformers: pip install 'dgrt[reference]'.") from None
+    from dgrt.checkpoint import Checkpoint
+
+    export_dir, reference_dir = Path(export_dir), Path(reference_dir)
+    gen = dgrt.load(export_dir, backend=backend)
+    manifest = _manifest(export_dir)
+    ref_ckpt = Checkpoint.open(reference_dir)
+    transformers.utils.logging.disable_progress_bar()
+    hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    report = Report(str(export_dir), str(reference_dir), backend, manifest["dtype"],
+                    same_checkpoint=manifest["source"]["digest"] == ref_ckpt.digest())  # fmt: skip
+    tok = gen.tokenizer
+    if tok is None:
+        raise DgrtError(f"{export_dir}: no tokenizer files to encode the validation prompts.")
+    sampler = gen.sampler if steps is None else gen.sampler.with_overrides(steps=steps)
+    encoded = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}])]) for t in prompts]
+
+    def teacher_forced(runner: Backend, logits_of: Any) -> tuple[_Stats, _Stats]:
+        kv, logits = _Stats(), _Stats()
+        for i, ids in enumerate(encoded):
+            _teacher_forced(gen.info, runner, hf, logits_of, ids, sampler, canvases, seed + i, kv, logits)
+        return kv, logits
+
+    with torch.inference_mode():
+        kv, logits = teacher_forced(gen.backend, _logits_function(gen, export_dir))
+        baseline = None
+        if manifest["dtype"] != "fp32":
+            from dgrt.checkpoint import load_model
+
+            model = load_model(ref_ckpt, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]])
+            baseline = teacher_forced(TorchBackend(model), _torch_logits(model))
+        e2e = [_shared_noise(gen, hf, tok, text, sampler, canvases, seed + i) for i, text in enumerate(prompts)]
+
+    agreement = sum(a for a, _, _ in e2e) / len(e2e)
+    ours_steps = float(np.mean([s for _, s, _ in e2e]))
+    ref_steps = float(np.mean([r for _, _, r in e2e]))
+    bound = _bounds(manifest["dtype"], baseline)
+    report.checks = [
+        Check("prefill K/V max abs error", kv.max_abs, bound["kv_max"]),
+        Check("denoise logits max abs error", logits.max_abs, bound["logits_max"]),
+        Check("denoise logits mean abs error", logits.mean_abs, bound["logits_mean"]),
+        Check("denoise logits min cosine (per position)", logits.min_cos, bound["min_cosine"], True),
+        Check("denoise argmax agreement", logits.agreement, bound["argmax"], True),
+        Check("end to end token agreement (shared noise)", agreement, bound["tokens"], True),
+        Check("steps per canvas, dgrt / reference - 1", abs(ours_steps / ref_steps - 1), bound["steps"]),
+    ]
+    if baseline is not None:
+        report.details["baseline"] = {
+            "what": f"dgrt's PyTorch modules in {manifest['dtype']} against the fp32 reference, same inputs",
+            "kv_max_abs_error": baseline[0].max_abs,
+            "logits_max_abs_error": baseline[1].max_abs,
+            "logits_mean_abs_error": baseline[1].mean_abs,
+            "logits_min_cosine": baseline[1].min_cos,
+            "argmax_agreement": baseline[1].agreement,
+        }
+    report.details |= {
+        "prompts": list(prompts),
+        "canvases": canvases,
+        "steps": sampler.steps,
+        "kv_mean_abs_error": kv.mean_abs,
+        "denoise_positions_compared": logits.positions,
+        "steps_per_canvas": {"dgrt": ours_steps, "reference": ref_steps},
+        "token_agreement_per_prompt": [a for a, _, _ in e2e],
+    }
+    gen.close()
+    return report
+
+
+def _manifest(export_dir: Path) -> dict[str, Any]:
+    from dgrt.exporter import manifest as manifest_mod
+
+    return manifest_mod.load(export_dir)
+
+
+def _logits_function(gen: Generator, export_dir: Path) -> Any:
+    """A function (DenoiseInputs, past) -> logits [B, C, V] for the generator's backend."""
+    backend = gen.backend
+    if isinstance(backend, OnnxRuntimeBackend):
+        import onnx
+        import onnxruntime as ort
+
+        spec = backend.specs["denoise"]
+        graph = onnx.load(str(export_dir / spec["file"]), load_external_data=False)
+        if not any("logits" in node.output for node in graph.graph.node):
+            raise DgrtError(f"{export_dir}: its denoise graph has no 'logits' value to compare; re-export it.")
+        if "logits" not in [o.name for o in graph.graph.output]:  # expose the graph's internal logits
+            graph.graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def run(inputs: DenoiseInputs, past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+            flat = [t for kv in past for t in kv]
+            feed = dict(zip(names, [t.numpy() for t in (*vars(inputs).values(), *flat)], strict=True))
+            return torch.from_numpy(session.run(["logits"], feed)[0])
+
+        return run
+
+    return _torch_logits(backend.model)  # type: ignore[attr-defined]
+
+
+def _torch_logits(model: Any) -> Any:
+    def run(inputs: DenoiseInputs, past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return model.denoise(inputs.canvas_ids, inputs.soft_embeds, inputs.position_ids, past, inputs.pad_lengths)
+
+    return run
+
+
+def _soft_from_reference(hf: Any, processed: torch.Tensor) -> torch.Tensor:
+    """The reference's self-conditioning embeddings for processed logits, with its own weights."""
+    emb = hf.model.decoder.embed_tokens
+    probs = processed.softmax(dim=-1, dtype=torch.float32).to(emb.weight.dtype)
+    return torch.matmul(probs, emb.weight) * emb.embed_scale.to(emb.weight.dtype)
+
+
+def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, ids: torch.Tensor, sampler: Any,
+                    canvases: int, seed: int, kv: _Stats, logits: _Stats) -> None:  # fmt: skip
+    from transformers.cache_utils import DynamicCache
+
+    c, p = info.canvas_length, ids.shape[1]
+    rng = torch.Generator().manual_seed(seed)
+    cache: Any = DynamicCache(config=hf.config.text_config)  # its layers' keys/values are typed loosely
+    pad = torch.zeros(1, dtype=torch.int64)
+    past = [(torch.zeros(1, s.num_kv_heads, 0, s.head_dim, dtype=backend.dtype),) * 2 for s in info.layers]
+
+    def prefill(tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        nonlocal past
+        hf.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
+        new = backend.prefill(tokens, positions, pad, past)
+        for i, (k, v) in enumerate(new):  # the reference's sliding layers keep only their window
+            ref_k, ref_v = cache.layers[i].keys, cache.layers[i].values
+            n = min(ref_k.shape[2], k.shape[2])
+            kv.add(k[:, :, -n:].float(), ref_k[:, :, -n:])
+            kv.add(v[:, :, -n:].float(), ref_v[:, :, -n:])
+        past = [(torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(past, new, strict=True)]
+
+    prefill(ids, torch.arange(p)[None])
+    for k in range(canvases):
+        positions = torch.arange(p + k * c, p + (k + 1) * c)[None]
+        canvas = torch.randint(0, info.vocab_size, (1, c), generator=rng)
+        soft = torch.zeros(1, c, info.hidden_size)
+        sc = None
+        for step in range(sampler.steps, 0, -1):
+            ref = hf(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=positions,
+                     self_conditioning_logits=sc).logits  # fmt: skip
+            temperature = sampler.temperature(step).reshape(1)
+            inputs = DenoiseInputs(
+                canvas, soft.to(backend.dtype), positions, pad, temperature, torch.rand(1, c, generator=rng)
+            )
+            logits.add(logits_of(inputs, past).float(), ref, positions=True)
+            # The reference's own sampler step picks the next input: its trajectory, not ours.
+            processed = ref / temperature
+            probs = processed.softmax(-1)
+            entropy = torch.distributions.Categorical(logits=processed).entropy()
+            sample = sample_from_uniform(probs, inputs.uniform)
+            noise = torch.randint(0, info.vocab_size, (1, c), generator=rng)
+            canvas = torch.where(accept(entropy, sampler.entropy_bound), sample, noise)
+            sc, soft = processed, _soft_from_reference(hf, processed)
+        prefill(ref.argmax(-1), positions)
+
+
+@contextlib.contextmanager
+def _inverse_cdf_multinomial() -> Iterator[None]:
+    """torch.multinomial replaced by dgrt's inverse-CDF draw from the global generator, for the reference."""
+    original = torch.multinomial
+
+    def draw(probs: torch.Tensor, num_samples: int = 1, **_: object) -> torch.Tensor:
+        return sample_from_uniform(probs, torch.rand(probs.shape[0]))[:, None]
+
+    torch.multinomial = draw  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.multinomial = original
+
+
+def _shared_noise(gen: Generator, hf: Any, tok: Any, text: str, sampler: Any, canvases: int,
+                  seed: int) -> tuple[float, float, float]:  # fmt: skip
+    """(token agreement, dgrt steps per canvas, reference steps per canvas) for one prompt."""
+    ids = tok.apply_chat_template([{"role": "user", "content": text}])
+    c = gen.info.canvas_length
+    options = dict(
+        max_new_tokens=canvases * c,
+        eos_token_id=None,
+        pad_token_id=None,
+        steps=sampler.steps,
+        stability_threshold=sampler.stability_threshold,
+        confidence_threshold=sampler.confidence_threshold,
+    )
+    ours = gen.generate(ids, seed=seed, **options)
+    with _inverse_cdf_multinomial():
+        torch.manual_seed(seed)
+        hf_options = {k: v for k, v in options.items() if k != "steps"} | {"max_denoising_steps": sampler.steps}
+        out = hf.generate(input_ids=torch.tensor([ids]), t_min=sampler.t_min, t_max=sampler.t_max, **hf_options)
+    ref_tokens = out.sequences[0, len(ids) :]
+    agreement = float((torch.tensor(ours.tokens[0]) == ref_tokens).float().mean())
+    ours_steps = float(np.mean(ours.steps_per_canvas[0]))
+    ref_passes = len(ref_tokens) / float(out.tokens_per_forward[0]) if out.tokens_per_forward[0] else math.nan
+    return agreement, ours_steps, ref_passes / canvases
