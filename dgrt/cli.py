@@ -123,6 +123,40 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from dgrt.bench import format_report, plot, run_bench
+    from dgrt.fsutil import atomic_write_text
+
+    report = run_bench(
+        args.path,
+        args.backend,
+        args.reference,
+        step_counts=args.steps,
+        prompt_lengths=args.prompt_lengths,
+        past_lengths=args.past_lengths,
+        runs=args.runs,
+        threads=args.threads,
+    )
+    print(format_report(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
 def _demo_validation(export_dir: Path, checkpoint: Path) -> str:
     """One line on the export's accuracy against transformers, or why it was skipped."""
     try:
@@ -215,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("bench", help="measure prefill, denoise and generation speed (optionally against transformers)")
+    p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
+    p.add_argument("--backend", choices=["onnxruntime", "torch"])
+    p.add_argument("--reference", type=Path, help="a checkpoint folder: measure transformers the same way")
+    p.add_argument("--steps", type=_int_list, default=[8, 16, 48], help="fixed step counts (default 8,16,48)")
+    p.add_argument("--prompt-lengths", type=_int_list, default=[16, 128, 512])
+    p.add_argument("--past-lengths", type=_int_list, default=[0, 256, 1024, 4096])
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement, after one warm-up")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write every measurement as JSON to this file")
+    p.add_argument("--plot", type=Path, help="write a PNG of step latency against past length")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
     p.add_argument("out_dir", type=Path)

@@ -1,0 +1,45 @@
+"""`dgrt bench`: every measurement lands in the JSON, and the plot is a PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TIMING_KEYS = {"median", "low", "high"}
+GENERATION_KEYS = {"tokens_per_second", "seconds", "seconds_low", "seconds_high", "steps_per_canvas"}
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dgrt", "bench", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_bench_json_and_plot(tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
+    pytest.importorskip("transformers", reason="--reference needs the reference extra")
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    r = bench(str(exports["tiny"]), "--reference", str(tiny_ckpt), "--runs", "1", "--steps", "2,4",
+              "--prompt-lengths", "4,20", "--past-lengths", "0,30", "--json", str(tmp_path / "b.json"),
+              "--plot", str(tmp_path / "b.png"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    for side in ("dgrt", "reference"):
+        assert set(report[side]["prefill_seconds"]) == {"4", "20"}
+        assert set(report[side]["denoise_step_seconds"]) == {"0", "30"}
+        assert all(set(t) == TIMING_KEYS for t in report[side]["denoise_step_seconds"].values())
+        assert set(report[side]["generation"]) == {"K=2", "K=4", "adaptive"}
+        assert all(GENERATION_KEYS <= set(g) for g in report[side]["generation"].values())
+    assert report["dgrt"]["generation"]["K=4"]["steps_per_canvas"] == 4.0
+    assert report["reference"]["generation"]["K=4"]["steps_per_canvas"] == 4.0
+    assert 0 < report["fraction_of_bandwidth"] and report["memory_bandwidth_bytes_per_second"] > 1e8
+    assert set(report["speedup"]) == {"denoise_step", "prefill", "generation"}
+    assert report["peak_rss_bytes"] > 0
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "denoise step latency by cached length" in r.stdout
+
+
+def test_bench_rejects_a_bad_length_list(exports: dict[str, Path]) -> None:
+    r = bench(str(exports["tiny"]), "--past-lengths", "a,b")
+    assert r.returncode == 2 and "expected comma-separated integers" in r.stderr and r.stderr.count("\n") == 1
