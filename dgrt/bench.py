@@ -183,7 +183,7 @@ def bench_reference(checkpoint: Path, prompt_lengths: list[int], past_lengths: l
 
 def run_bench(
     path: Path,
-    backend: str | None,
+    backends: list[str] | None,
     reference: Path | None,
     step_counts: list[int],
     prompt_lengths: list[int],
@@ -191,35 +191,41 @@ def run_bench(
     runs: int,
     threads: int,
 ) -> dict[str, Any]:
+    """Every measurement for each backend (default: the path's default backend), and the reference."""
     import dgrt
 
     progress = Progress()
-    gen = dgrt.load(path, backend=backend, threads=threads)
     bandwidth = memory_bandwidth()
-    ours = bench_generator(gen, prompt_lengths, past_lengths, step_counts, runs, progress)
-    weight_bytes = _weight_bytes(gen, path)
-    step = ours.step_seconds[min(past_lengths)].median
     report: dict[str, Any] = {
         "path": str(path),
-        "backend": gen.backend.name,
         "threads": threads,
         "runs": runs,
-        "canvas_length": gen.info.canvas_length,
         "memory_bandwidth_bytes_per_second": bandwidth,
-        "weight_bytes": weight_bytes,
-        "denoise_weight_bytes_per_second": weight_bytes / step,
-        "fraction_of_bandwidth": weight_bytes / step / bandwidth,
-        "dgrt": _side_json(ours),
+        "backends": {},
     }
-    gen.close()
+    sides = {}
+    names: list[str | None] = list(backends) if backends else [None]  # None: the path's default backend
+    for name in names:
+        with dgrt.load(path, backend=name, threads=threads) as gen:
+            side = bench_generator(gen, prompt_lengths, past_lengths, step_counts, runs, progress)
+            weight_bytes = _weight_bytes(gen, path)
+            report["canvas_length"] = gen.info.canvas_length
+            traffic = weight_bytes / side.step_seconds[min(past_lengths)].median
+            sides[gen.backend.name] = side
+            report["backends"][gen.backend.name] = _side_json(side) | {
+                "weight_bytes": weight_bytes,
+                "denoise_weight_bytes_per_second": traffic,
+                "fraction_of_bandwidth": traffic / bandwidth,
+            }
     if reference is not None:
         ref = bench_reference(reference, prompt_lengths, past_lengths, step_counts, runs, threads, progress)
         report["reference"] = _side_json(ref)
-        report["speedup"] = {
-            "denoise_step": {str(k): ref.step_seconds[k].median / ours.step_seconds[k].median for k in past_lengths},
-            "prefill": {str(p): ref.prefill_seconds[p].median / ours.prefill_seconds[p].median for p in prompt_lengths},
-            "generation": {k: ref.generation[k]["seconds"] / ours.generation[k]["seconds"] for k in ours.generation},
-        }
+        for name, side in sides.items():
+            report["backends"][name]["speedup"] = {  # reference time / dgrt time
+                "denoise_step": {str(k): ref.step_seconds[k].median / s.median for k, s in side.step_seconds.items()},
+                "prefill": {str(k): ref.prefill_seconds[k].median / s.median for k, s in side.prefill_seconds.items()},
+                "generation": {k: ref.generation[k]["seconds"] / g["seconds"] for k, g in side.generation.items()},
+            }
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["gpu_memory_bytes"] = None  # CPU backends; the GPU backends report theirs
     progress.close()
@@ -248,29 +254,33 @@ def format_report(r: dict[str, Any]) -> str:
         return f"{1e3 * x['median']:9.1f} ms ({1e3 * x['low']:.1f}-{1e3 * x['high']:.1f})"
 
     ref = r.get("reference")
-    lines = [f"bench {r['path']} on {r['backend']}, {r['threads']} threads, median (range) of {r['runs']} runs"]
-    lines.append("prefill latency by prompt length" + ("   [transformers]" if ref else ""))
-    for k, v in r["dgrt"]["prefill_seconds"].items():
-        extra = f"   {t(ref['prefill_seconds'][k])}  x{r['speedup']['prefill'][k]:.2f}" if ref else ""
-        lines.append(f"  {k:>6} tokens {t(v)}{extra}")
-    lines.append("denoise step latency by cached length" + ("   [transformers]" if ref else ""))
-    for k, v in r["dgrt"]["denoise_step_seconds"].items():
-        extra = f"   {t(ref['denoise_step_seconds'][k])}  x{r['speedup']['denoise_step'][k]:.2f}" if ref else ""
-        lines.append(f"  {k:>6} cached {t(v)}{extra}")
-    lines.append("generation, 2 canvases: tokens/s, steps per canvas, time to first canvas")
-    for k, v in r["dgrt"]["generation"].items():
-        extra = ""
-        if ref:
-            g = ref["generation"][k]
-            extra = f"   [transformers {g['tokens_per_second']:.1f} tok/s, {g['steps_per_canvas']:.1f} steps]"
-            extra += f"  x{r['speedup']['generation'][k]:.2f}"
-        lines.append(f"  {k:>9} {v['tokens_per_second']:8.1f} tok/s {v['steps_per_canvas']:5.1f} steps "
-                     f"{v['time_to_first_canvas']:.2f} s{extra}")  # fmt: skip
-    lines.append(
-        f"denoise weight traffic {r['denoise_weight_bytes_per_second'] / 1e9:.2f} GB/s = "
-        f"{100 * r['fraction_of_bandwidth']:.1f}% of the measured memory bandwidth "
-        f"({r['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s; {r['weight_bytes'] / 2**20:.0f} MiB of weights)"
-    )
+    lines = [f"bench {r['path']}, {r['threads']} threads, median (range) of {r['runs']} runs after a warm-up"]
+    for name, side in r["backends"].items():
+        speedup = side.get("speedup")
+        lines.append(f"[dgrt on {name}]" + ("                          [transformers]" if ref else ""))
+        lines.append("prefill latency by prompt length")
+        for k, v in side["prefill_seconds"].items():
+            extra = f"   {t(ref['prefill_seconds'][k])}  x{speedup['prefill'][k]:.2f}" if ref else ""
+            lines.append(f"  {k:>6} tokens {t(v)}{extra}")
+        lines.append("denoise step latency by cached length")
+        for k, v in side["denoise_step_seconds"].items():
+            extra = f"   {t(ref['denoise_step_seconds'][k])}  x{speedup['denoise_step'][k]:.2f}" if ref else ""
+            lines.append(f"  {k:>6} cached {t(v)}{extra}")
+        lines.append("generation of 2 canvases: tokens/s, steps per canvas, time to first canvas")
+        for k, v in side["generation"].items():
+            extra = ""
+            if ref:
+                g = ref["generation"][k]
+                extra = (f"   [transformers {g['tokens_per_second']:.1f} tok/s, {g['steps_per_canvas']:.1f} steps]"
+                         f"  x{speedup['generation'][k]:.2f}")  # fmt: skip
+            lines.append(f"  {k:>9} {v['tokens_per_second']:8.1f} tok/s {v['steps_per_canvas']:5.1f} steps "
+                         f"{v['time_to_first_canvas']:.2f} s{extra}")  # fmt: skip
+        lines.append(
+            f"denoise weight traffic {side['denoise_weight_bytes_per_second'] / 1e9:.2f} GB/s = "
+            f"{100 * side['fraction_of_bandwidth']:.1f}% of the measured memory bandwidth "
+            f"({r['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s; "
+            f"{side['weight_bytes'] / 2**20:.0f} MiB of weights)"
+        )
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
@@ -284,9 +294,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     except ImportError:
         raise DgrtError("--plot needs matplotlib: pip install 'dgrt[bench]'.") from None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, side in (("dgrt " + report["backend"], report["dgrt"]), ("transformers", report.get("reference"))):
-        if side is None:
-            continue
+    curves = [(f"dgrt on {name}", side) for name, side in report["backends"].items()]
+    if "reference" in report:
+        curves.append(("transformers", report["reference"]))
+    for label, side in curves:
         xs = [int(k) for k in side["denoise_step_seconds"]]
         ys = [1e3 * v["median"] for v in side["denoise_step_seconds"].values()]
         lo = [1e3 * (v["median"] - v["low"]) for v in side["denoise_step_seconds"].values()]

@@ -157,6 +157,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _backend_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in ("onnxruntime", "torch")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; expected onnxruntime or torch")
+    return names
+
+
 def _demo_validation(export_dir: Path, checkpoint: Path) -> str:
     """One line on the export's accuracy against transformers, or why it was skipped."""
     try:
@@ -252,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure prefill, denoise and generation speed (optionally against transformers)")
     p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
-    p.add_argument("--backend", choices=["onnxruntime", "torch"])
+    p.add_argument("--backend", type=_backend_list, help="onnxruntime, torch, or both comma-separated")
     p.add_argument("--reference", type=Path, help="a checkpoint folder: measure transformers the same way")
     p.add_argument("--steps", type=_int_list, default=[8, 16, 48], help="fixed step counts (default 8,16,48)")
     p.add_argument("--prompt-lengths", type=_int_list, default=[16, 128, 512])

@@ -20,21 +20,22 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 def test_bench_json_and_plot(tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
     pytest.importorskip("transformers", reason="--reference needs the reference extra")
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
-    r = bench(str(exports["tiny"]), "--reference", str(tiny_ckpt), "--runs", "1", "--steps", "2,4",
-              "--prompt-lengths", "4,20", "--past-lengths", "0,30", "--json", str(tmp_path / "b.json"),
-              "--plot", str(tmp_path / "b.png"))  # fmt: skip
+    r = bench(str(exports["tiny"]), "--backend", "onnxruntime,torch", "--reference", str(tiny_ckpt),
+              "--runs", "1", "--steps", "2,4", "--prompt-lengths", "4,20", "--past-lengths", "0,30",
+              "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "b.json").read_text())
-    for side in ("dgrt", "reference"):
-        assert set(report[side]["prefill_seconds"]) == {"4", "20"}
-        assert set(report[side]["denoise_step_seconds"]) == {"0", "30"}
-        assert all(set(t) == TIMING_KEYS for t in report[side]["denoise_step_seconds"].values())
-        assert set(report[side]["generation"]) == {"K=2", "K=4", "adaptive"}
-        assert all(GENERATION_KEYS <= set(g) for g in report[side]["generation"].values())
-    assert report["dgrt"]["generation"]["K=4"]["steps_per_canvas"] == 4.0
-    assert report["reference"]["generation"]["K=4"]["steps_per_canvas"] == 4.0
-    assert 0 < report["fraction_of_bandwidth"] and report["memory_bandwidth_bytes_per_second"] > 1e8
-    assert set(report["speedup"]) == {"denoise_step", "prefill", "generation"}
+    assert set(report["backends"]) == {"onnxruntime", "torch"}
+    for side in (report["backends"]["onnxruntime"], report["backends"]["torch"], report["reference"]):
+        assert set(side["prefill_seconds"]) == {"4", "20"}
+        assert set(side["denoise_step_seconds"]) == {"0", "30"}
+        assert all(set(t) == TIMING_KEYS for t in side["denoise_step_seconds"].values())
+        assert set(side["generation"]) == {"K=2", "K=4", "adaptive"}
+        assert all(GENERATION_KEYS <= set(g) for g in side["generation"].values())
+        assert side["generation"]["K=4"]["steps_per_canvas"] == 4.0
+    ort = report["backends"]["onnxruntime"]
+    assert 0 < ort["fraction_of_bandwidth"] and report["memory_bandwidth_bytes_per_second"] > 1e8
+    assert set(ort["speedup"]) == {"denoise_step", "prefill", "generation"}
     assert report["peak_rss_bytes"] > 0
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "denoise step latency by cached length" in r.stdout
