@@ -41,27 +41,37 @@ DEFAULT_PROMPTS = (
 )
 
 
-# fp32 bounds: ~100x what the tests measure against transformers (<= 1e-5 in logits and K/V). Token
-# agreement end to end is looser: random-weight models have near-uniform logits, where a 1e-5 difference
-# can flip a near-tie, and every later step differs (measured 2026-11-27: 1.0 on the tiny preset, 0.969 =
-# 31 of 32 tokens on the small preset's "Hello" with 8 steps). A trained model should allow a tighter one.
-FP32_BOUNDS = {"kv_max": 1e-3, "logits_max": 1e-3, "logits_mean": 1e-4, "min_cosine": 0.99999, "argmax": 0.999,
-               "tokens": 0.9, "steps": 0.05}  # fmt: skip
+def _bounds(dtype: str, baseline: tuple[_Stats, _Stats]) -> dict[str, float | None]:
+    """Pass bounds, relative to a baseline: dgrt's PyTorch modules at the export's dtype, run on the same
+    teacher-forced inputs against the fp32 reference.
 
-
-def _bounds(dtype: str, baseline: tuple[_Stats, _Stats] | None) -> dict[str, float | None]:
-    """Pass bounds. In fp16/bf16 the error is the precision's own: dgrt's PyTorch modules at that dtype,
-    run on the same teacher-forced inputs, measure it (the baseline), and the export may be at most twice
-    as far from fp32 (plus a small floor). Whole sequences diverge in low precision after the first
-    changed acceptance, so token agreement is reported, not bounded there."""
-    if baseline is None:
-        return dict(FP32_BOUNDS)
+    fp32: the baseline is the disagreement of two fp32 implementations of the same math. It is ~1e-5 on
+    the test configs, but on the 77M bench preset it reaches 2e-3 at the 99th percentile of positions, and
+    a position whose MoE routing flips between two experts tied within that noise moves by O(1) (measured
+    2026-11-27: ONNX Runtime vs transformers p99 9.9e-3, max 0.89; dgrt torch vs transformers p99 2.1e-3,
+    max 0.41; argmax agreement 1.0 for both). So the bounds are on the 99th percentile and the mean, at most
+    10x the baseline (floors 1e-3 / 1e-4); maxima are reported, not bounded. Token agreement end to end:
+    random-weight models have near-uniform logits where such differences flip near-ties (1.0 on tiny,
+    0.969 on small, 0.993 on bench).
+    fp16/bf16: the baseline is the precision's own error; the export may be at most twice as far from fp32
+    (plus a floor). Sequences diverge after the first changed acceptance: token agreement is reported only.
+    """
     kv, logits = baseline
+    if dtype == "fp32":
+        return {
+            "kv_p99": max(1e-3, 10 * kv.p99),
+            "logits_p99": max(1e-3, 10 * logits.p99),
+            "logits_mean": max(1e-4, 10 * logits.mean_abs),
+            "cosine_p1": 0.9999,
+            "argmax": 0.999,
+            "tokens": 0.9,
+            "steps": 0.05,
+        }
     return {
-        "kv_max": 2 * kv.max_abs + 1e-3,
-        "logits_max": 2 * logits.max_abs + 1e-3,
+        "kv_p99": 2 * kv.p99 + 1e-3,
+        "logits_p99": 2 * logits.p99 + 1e-3,
         "logits_mean": 2 * logits.mean_abs + 1e-4,
-        "min_cosine": None,
+        "cosine_p1": None,
         "argmax": logits.agreement - 0.02,
         "tokens": None,
         "steps": 0.2,
@@ -103,35 +113,58 @@ class Report:
         lines = [f"validate {self.export} ({self.dtype}, {self.backend}) against {self.reference}"]
         if not self.same_checkpoint:
             lines.append("warning: the export was made from another checkpoint (digests differ)")
-        lines.append(f"{'check':<42}{'measured':>14}{'bound':>14}  result")
+        lines.append(f"{'check':<48}{'measured':>14}{'bound':>14}  result")
         for c in self.checks:
             bound = "-" if c.bound is None else f"{'>=' if c.higher_is_better else '<='}{c.bound:.6g}"
-            lines.append(f"{c.name:<42}{c.measured:>14.7g}{bound:>14}  {'ok' if c.ok else 'FAIL'}")
+            result = "info" if c.bound is None else "ok" if c.ok else "FAIL"
+            lines.append(f"{c.name:<48}{c.measured:>14.7g}{bound:>14}  {result}")
         lines.append("validation passed" if self.ok else "validation FAILED")
         return "\n".join(lines)
 
 
 class _Stats:
-    """Running error statistics of one compared quantity."""
+    """Error statistics of one compared quantity, per token (K/V) or canvas position (logits)."""
 
     def __init__(self) -> None:
-        self.max_abs, self.abs_sum, self.count, self.min_cos = 0.0, 0.0, 0, 1.0
-        self.agree, self.positions = 0, 0
+        self.abs_sum, self.count, self.agree = 0.0, 0, 0
+        self.token_errors: list[torch.Tensor] = []  # max abs error of each token / position
+        self.cosines: list[torch.Tensor] = []
 
-    def add(self, ours: torch.Tensor, ref: torch.Tensor, positions: bool = False) -> None:
+    def add(self, ours: torch.Tensor, ref: torch.Tensor, token_dim: int, logits: bool = False) -> None:
         diff = (ours.double() - ref.double()).abs()
-        self.max_abs = max(self.max_abs, float(diff.max()))
         self.abs_sum += float(diff.sum())
         self.count += diff.numel()
-        if positions:  # [..., V]: cosine and argmax per position
-            cos = torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1)
-            self.min_cos = min(self.min_cos, float(cos.min()))
+        self.token_errors.append(diff.movedim(token_dim, 0).reshape(diff.shape[token_dim], -1).amax(dim=1))
+        if logits:  # [..., C, V]: cosine and argmax per position
+            self.cosines.append(torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1).flatten())
             self.agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
-            self.positions += cos.numel()
+
+    def _errors(self) -> torch.Tensor:
+        return torch.cat(self.token_errors) if self.token_errors else torch.zeros(1, dtype=torch.float64)
+
+    @property
+    def max_abs(self) -> float:
+        return float(self._errors().max())
+
+    @property
+    def p99(self) -> float:
+        return float(torch.quantile(self._errors(), 0.99))
 
     @property
     def mean_abs(self) -> float:
         return self.abs_sum / max(self.count, 1)
+
+    @property
+    def positions(self) -> int:
+        return sum(len(c) for c in self.cosines)
+
+    @property
+    def cosine_p1(self) -> float:
+        return float(torch.quantile(torch.cat(self.cosines), 0.01)) if self.cosines else 1.0
+
+    @property
+    def min_cosine(self) -> float:
+        return float(torch.cat(self.cosines).min()) if self.cosines else 1.0
 
     @property
     def agreement(self) -> float:
@@ -177,12 +210,11 @@ def validate(
 
     with torch.inference_mode():
         kv, logits = teacher_forced(gen.backend, _logits_function(gen, export_dir))
-        baseline = None
-        if manifest["dtype"] != "fp32":
-            from dgrt.checkpoint import load_model
+        from dgrt.checkpoint import load_model
 
-            model = load_model(ref_ckpt, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]])
-            baseline = teacher_forced(TorchBackend(model), _torch_logits(model))
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
+        model = load_model(ref_ckpt, dtype=dtype)
+        baseline = teacher_forced(TorchBackend(model), _torch_logits(model))
         e2e = [_shared_noise(gen, hf, tok, text, sampler, canvases, seed + i) for i, text in enumerate(prompts)]
 
     agreement = sum(a for a, _, _ in e2e) / len(e2e)
@@ -190,23 +222,27 @@ def validate(
     ref_steps = float(np.mean([r for _, _, r in e2e]))
     bound = _bounds(manifest["dtype"], baseline)
     report.checks = [
-        Check("prefill K/V max abs error", kv.max_abs, bound["kv_max"]),
-        Check("denoise logits max abs error", logits.max_abs, bound["logits_max"]),
+        Check("prefill K/V error, 99th pct over tokens", kv.p99, bound["kv_p99"]),
+        Check("prefill K/V max abs error", kv.max_abs, None),
+        Check("denoise logits error, 99th pct over positions", logits.p99, bound["logits_p99"]),
         Check("denoise logits mean abs error", logits.mean_abs, bound["logits_mean"]),
-        Check("denoise logits min cosine (per position)", logits.min_cos, bound["min_cosine"], True),
+        Check("denoise logits max abs error", logits.max_abs, None),
+        Check("denoise logits cosine, 1st pct over positions", logits.cosine_p1, bound["cosine_p1"], True),
+        Check("denoise logits min cosine", logits.min_cosine, None, True),
         Check("denoise argmax agreement", logits.agreement, bound["argmax"], True),
         Check("end to end token agreement (shared noise)", agreement, bound["tokens"], True),
         Check("steps per canvas, dgrt / reference - 1", abs(ours_steps / ref_steps - 1), bound["steps"]),
     ]
-    if baseline is not None:
-        report.details["baseline"] = {
-            "what": f"dgrt's PyTorch modules in {manifest['dtype']} against the fp32 reference, same inputs",
-            "kv_max_abs_error": baseline[0].max_abs,
-            "logits_max_abs_error": baseline[1].max_abs,
-            "logits_mean_abs_error": baseline[1].mean_abs,
-            "logits_min_cosine": baseline[1].min_cos,
-            "argmax_agreement": baseline[1].agreement,
-        }
+    report.details["baseline"] = {
+        "what": f"dgrt's PyTorch modules in {manifest['dtype']} against the fp32 reference, same inputs",
+        "kv_p99_error": baseline[0].p99,
+        "kv_max_abs_error": baseline[0].max_abs,
+        "logits_p99_error": baseline[1].p99,
+        "logits_max_abs_error": baseline[1].max_abs,
+        "logits_mean_abs_error": baseline[1].mean_abs,
+        "logits_min_cosine": baseline[1].min_cosine,
+        "argmax_agreement": baseline[1].agreement,
+    }
     report.details |= {
         "prompts": list(prompts),
         "canvases": canvases,
@@ -286,8 +322,8 @@ def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, 
         for i, (k, v) in enumerate(new):  # the reference's sliding layers keep only their window
             ref_k, ref_v = cache.layers[i].keys, cache.layers[i].values
             n = min(ref_k.shape[2], k.shape[2])
-            kv.add(k[:, :, -n:].float(), ref_k[:, :, -n:])
-            kv.add(v[:, :, -n:].float(), ref_v[:, :, -n:])
+            kv.add(k[:, :, -n:].float(), ref_k[:, :, -n:], token_dim=2)
+            kv.add(v[:, :, -n:].float(), ref_v[:, :, -n:], token_dim=2)
         past = [(torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(past, new, strict=True)]
 
     prefill(ids, torch.arange(p)[None])
@@ -303,7 +339,7 @@ def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, 
             inputs = DenoiseInputs(
                 canvas, soft.to(backend.dtype), positions, pad, temperature, torch.rand(1, c, generator=rng)
             )
-            logits.add(logits_of(inputs, past).float(), ref, positions=True)
+            logits.add(logits_of(inputs, past).float(), ref, token_dim=1, logits=True)
             # The reference's own sampler step picks the next input: its trajectory, not ours.
             processed = ref / temperature
             probs = processed.softmax(-1)
