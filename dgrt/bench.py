@@ -38,13 +38,22 @@ class Timing:
 
     @classmethod
     def of(cls, fn: Callable[[], object], runs: int) -> Timing:
-        fn()  # warm-up
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+        return cls.from_times(timed_runs(fn, runs))
+
+    @classmethod
+    def from_times(cls, times: list[float]) -> Timing:
         return cls(statistics.median(times), min(times), max(times))
+
+
+def timed_runs(fn: Callable[[], object], runs: int) -> list[float]:
+    """Seconds of each of `runs` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 @dataclass

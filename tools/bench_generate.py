@@ -16,22 +16,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from statistics import median
 
+from dgrt.bench import timed_runs
+
 PROMPT_LEN = 128
-
-
-def _timed(fn, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
-    fn()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def run_dgrt(export_dir: str, args: argparse.Namespace) -> dict[str, object]:
@@ -50,12 +41,12 @@ def run_dgrt(export_dir: str, args: argparse.Namespace) -> dict[str, object]:
         seed=0,
     )
     results = []
-    times = _timed(lambda: results.append(gen.generate(prompt, **opts)), args.runs)
+    times = timed_runs(lambda: results.append(gen.generate(prompt, **opts)), args.runs)
     last = results[-1]
     # The denoise graph alone: rerun ONNX Runtime on the inputs bound by the last step.
     backend = gen.backend
     session, binding = backend.sessions["denoise"], backend._bindings["denoise"]
-    graph = _timed(lambda: session.run_with_iobinding(binding), args.runs * 4)
+    graph = timed_runs(lambda: session.run_with_iobinding(binding), args.runs * 4)
     steps = len(last.step_seconds)
     per_step = [(t - sum(last.prefill_seconds)) / steps for t in times]
     return {"total": times, "steps": steps, "prefill": last.prefill_seconds, "per_step": per_step, "graph_step": graph}
@@ -80,7 +71,7 @@ def run_reference(ckpt_dir: str, args: argparse.Namespace) -> dict[str, object]:
                 eos_token_id=None,
             )
 
-    return {"total": _timed(generate, args.runs)}
+    return {"total": timed_runs(generate, args.runs)}
 
 
 def main() -> None:
