@@ -352,7 +352,7 @@ def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, 
 
 
 @contextlib.contextmanager
-def _inverse_cdf_multinomial() -> Iterator[None]:
+def inverse_cdf_multinomial() -> Iterator[None]:
     """torch.multinomial replaced by dgrt's inverse-CDF draw from the global generator, for the reference."""
     original = torch.multinomial
 
@@ -380,7 +380,7 @@ def _shared_noise(gen: Generator, hf: Any, tok: Any, text: str, sampler: Any, ca
         confidence_threshold=sampler.confidence_threshold,
     )
     ours = gen.generate(ids, seed=seed, **options)
-    with _inverse_cdf_multinomial():
+    with inverse_cdf_multinomial():
         torch.manual_seed(seed)
         hf_options = {k: v for k, v in options.items() if k != "steps"} | {"max_denoising_steps": sampler.steps}
         out = hf.generate(input_ids=torch.tensor([ids]), t_min=sampler.t_min, t_max=sampler.t_max, **hf_options)

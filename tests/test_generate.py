@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dgrt
-from dgrt.model.sampling import sample_from_uniform
+from dgrt.validate import inverse_cdf_multinomial
 
 transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
 
@@ -22,15 +22,10 @@ STEPS = 8
 PROMPTS = torch.tensor([[2, 17, 33, 49, 65, 81, 97, 113, 129, 145, 161, 177], [2, 9, 8, 7, 6, 5, 4, 3, 22, 23, 24, 25]])
 
 
-def reference_generate(path: Path, ids: torch.Tensor, seed: int, monkeypatch: pytest.MonkeyPatch, **kwargs):
+def reference_generate(path: Path, ids: torch.Tensor, seed: int, **kwargs):
     """transformers' generate with dgrt's sampling draw; returns (new tokens, tokens_per_forward, output)."""
-
-    def inverse_cdf(probs: torch.Tensor, num_samples: int = 1, **_: object) -> torch.Tensor:
-        return sample_from_uniform(probs, torch.rand(probs.shape[0]))[:, None]
-
     model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
-    with monkeypatch.context() as m, torch.inference_mode():
-        m.setattr(torch, "multinomial", inverse_cdf)
+    with inverse_cdf_multinomial(), torch.inference_mode():
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, max_denoising_steps=STEPS, **kwargs)
     return out.sequences[:, ids.shape[1] :], out.tokens_per_forward, out
@@ -47,7 +42,7 @@ def load(backend: str, tiny_ckpt: Path, exports: dict[str, Path]) -> dgrt.runtim
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_batch_of_two_matches_transformers(
-    backend: str, adaptive: bool, tiny_ckpt: Path, exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    backend: str, adaptive: bool, tiny_ckpt: Path, exports: dict[str, Path]
 ) -> None:
     """3 canvases, batch 2, adaptive stopping off, or on with thresholds that make rows stop at different
     steps (random weights never repeat an argmax, so stability 0; their mean entropies fall from about 5.3
@@ -58,7 +53,7 @@ def test_batch_of_two_matches_transformers(
         else {"stability_threshold": None, "confidence_threshold": None}
     )
     ref, ref_tpf, _ = reference_generate(
-        tiny_ckpt, PROMPTS, 7, monkeypatch, max_new_tokens=48, eos_token_id=None, pad_token_id=None, **stop
+        tiny_ckpt, PROMPTS, 7, max_new_tokens=48, eos_token_id=None, pad_token_id=None, **stop
     )
     ours = load(backend, tiny_ckpt, exports).generate(
         PROMPTS.tolist(), seed=7, max_new_tokens=48, steps=STEPS, eos_token_id=None, pad_token_id=None, **stop
@@ -73,14 +68,11 @@ def test_batch_of_two_matches_transformers(
         assert set(steps) == {STEPS}
 
 
-def test_eos_in_one_row_pads_it_and_stops_early(
-    backend: str, tiny_ckpt: Path, exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_eos_in_one_row_pads_it_and_stops_early(backend: str, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
     plain, _, _ = reference_generate(
         tiny_ckpt,
         PROMPTS,
         3,
-        monkeypatch,
         max_new_tokens=48,
         eos_token_id=None,
         pad_token_id=None,
@@ -92,7 +84,7 @@ def test_eos_in_one_row_pads_it_and_stops_early(
     kwargs = dict(
         max_new_tokens=48, eos_token_id=eos, pad_token_id=0, stability_threshold=None, confidence_threshold=None
     )
-    ref, ref_tpf, _ = reference_generate(tiny_ckpt, PROMPTS, 3, monkeypatch, **kwargs)
+    ref, ref_tpf, _ = reference_generate(tiny_ckpt, PROMPTS, 3, **kwargs)
     ours = load(backend, tiny_ckpt, exports).generate(PROMPTS.tolist(), seed=3, steps=STEPS, **kwargs)
     assert torch.equal(torch.tensor(ours.tokens), ref)
     assert ours.tokens[1][16:] == [0] * 32 and eos in ours.tokens[1][:16]
@@ -100,18 +92,14 @@ def test_eos_in_one_row_pads_it_and_stops_early(
     assert ours.steps_per_canvas[1] == [STEPS, 0, 0]
 
 
-def test_second_turn_continues_from_the_cache(
-    backend: str, tiny_ckpt: Path, exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_second_turn_continues_from_the_cache(backend: str, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
     kwargs = dict(
         max_new_tokens=32, eos_token_id=None, pad_token_id=None, stability_threshold=None, confidence_threshold=None
     )
-    first, _, out = reference_generate(tiny_ckpt, PROMPTS[:1], 11, monkeypatch, **kwargs)
+    first, _, out = reference_generate(tiny_ckpt, PROMPTS[:1], 11, **kwargs)
     follow_up = torch.tensor([[40, 41, 42, 43, 44]])
     uncached = torch.cat([out.sequences[:, -16:], follow_up], dim=1)  # the last canvas is not cached
-    second, _, _ = reference_generate(
-        tiny_ckpt, uncached, 12, monkeypatch, past_key_values=out.past_key_values, **kwargs
-    )
+    second, _, _ = reference_generate(tiny_ckpt, uncached, 12, past_key_values=out.past_key_values, **kwargs)
 
     session = load(backend, tiny_ckpt, exports).session()
     assert session.generate(PROMPTS[0].tolist(), seed=11, steps=STEPS, **kwargs).tokens == first.tolist()
