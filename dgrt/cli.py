@@ -43,9 +43,16 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from dgrt.exporter.lint import lint_export
     from dgrt.exporter.onnx_export import ExportOptions, export
+    from dgrt.exporter.quantize import Recipe
 
     options = ExportOptions(
-        dtype=args.dtype, opset=args.opset, max_context=args.max_context, debug_logits=args.debug_logits
+        dtype=args.dtype,
+        opset=args.opset,
+        max_context=args.max_context,
+        debug_logits=args.debug_logits,
+        quant=Recipe(args.quant, args.block_size) if args.quant else None,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
     )
     manifest = export(args.checkpoint, args.output, options, force=args.force)
     weights = manifest["weights"]
@@ -59,6 +66,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
         f"max context {manifest['max_context']}"
     )
     print(lint_export(args.output).format())
+    quantization = manifest.get("quantization")
+    if quantization and "accuracy" in quantization:
+        from dgrt.exporter.accuracy import format_summary
+
+        print(format_summary(quantization["recipe"], quantization["accuracy"]))
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
@@ -280,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dgrt.exporter.io_spec import DTYPES
     from dgrt.exporter.onnx_export import DEFAULT_OPSET
+    from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
 
     p = sub.add_parser("export", help="export the prefill and denoise graphs of a checkpoint to ONNX")
     p.add_argument("checkpoint", type=Path, help="a DiffusionGemma checkpoint folder (Hugging Face layout)")
@@ -288,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--max-context", type=int, help="longest context (cached + new tokens) to support")
     p.add_argument("--debug-logits", action="store_true", help="also output the denoise graph's raw logits")
+    p.add_argument("--quant", choices=RECIPES, help="quantize: fp8 (W8A8), int4 (weight-only), int4-experts")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=64, help="INT4 block size (default 64)")
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        help="FP8 calibration prompts: builtin, task (the checkpoint's task), or a file (lines or JSONL); "
+        "default: task if the checkpoint has one, else builtin",
+    )
+    p.add_argument("--calibration-samples", type=int, default=32, help="prompts to calibrate on (default 32)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
 

@@ -137,10 +137,14 @@ def preset_config(preset: str) -> dict[str, Any]:
     """The config.json content of a preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    vocab = p["text"]["vocab_size"]
+    return model_config(PRESETS[preset]["text"], PRESETS[preset]["canvas_length"])
+
+
+def model_config(text_values: dict[str, Any], canvas_length: int) -> dict[str, Any]:
+    """The config.json content for text_config values like a preset's (the rest as every preset has it)."""
+    vocab = text_values["vocab_size"]
     text = dict(
-        p["text"],
+        text_values,
         rope_parameters=ROPE_PARAMETERS,
         final_logit_softcapping=30.0,
         rms_norm_eps=1e-6,
@@ -156,7 +160,7 @@ def preset_config(preset: str) -> dict[str, Any]:
         "model_type": "diffusion_gemma",
         "text_config": text,
         "vision_config": dict(VISION_CONFIG),
-        "canvas_length": p["canvas_length"],
+        "canvas_length": canvas_length,
         "image_token_id": vocab - 1,
         "boi_token_id": vocab - 2,
         "eoi_token_id": vocab - 3,
@@ -224,6 +228,19 @@ def tokenizer_json(vocab_size: int) -> str:
     return tok.to_str(pretty=False)
 
 
+def tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
+    """tokenizer_config.json: the special tokens and the chat template."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "model_max_length": cfg.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
 def write_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
     """Write a complete random checkpoint folder of a preset; returns its path."""
     return write_checkpoint(out_dir, preset_config(preset), seed=seed, force=force, tag=preset)
@@ -238,29 +255,40 @@ def write_checkpoint(
     tag: str = "custom",
 ) -> Path:
     """Write a complete random checkpoint folder for any config.json content (see `preset_config`)."""
+    weights = random_weights(ModelConfig.from_dict(config), seed, gain)
+    return save_checkpoint(
+        out_dir, config, weights, metadata={"dgrt_random": f"{tag} seed={seed} gain={gain}"}, force=force
+    )
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    text_weights: dict[str, torch.Tensor],
+    *,
+    generation: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
+    extra_files: dict[str, str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a complete checkpoint folder: config, generation config (the defaults updated by
+    `generation`), tokenizer, safetensors of `text_weights` (checkpoint key -> tensor) plus the vision
+    stub, and `extra_files` (name -> text)."""
     cfg = ModelConfig.from_dict(config)
-    weights = random_weights(cfg, seed, gain) | vision_weights(cfg.hidden_size)
+    weights = dict(text_weights) | vision_weights(cfg.hidden_size)
     generation = dict(
         GENERATION_DEFAULTS,
         max_new_tokens=3 * cfg.canvas_length,
         eos_token_id=[EOS_ID, END_TURN_ID],
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
-    )
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-        "model_max_length": cfg.max_position_embeddings,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    ) | (generation or {})
     with atomic_dir(Path(out_dir), force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(tokenizer_json(cfg.vocab_size))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        metadata = {"format": "pt", "dgrt_random": f"{tag} seed={seed} gain={gain}"}
-        save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg), indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"} | (metadata or {}))
     return Path(out_dir)

@@ -30,7 +30,7 @@ import torch
 
 from dgrt.errors import DgrtError
 from dgrt.model.sampling import sample_from_uniform
-from dgrt.runtime.backends import Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend
+from dgrt.runtime.backends import Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend, session_options
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.sampler import accept
 
@@ -41,7 +41,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-def _bounds(dtype: str, baseline: tuple[_Stats, _Stats]) -> dict[str, float | None]:
+def _bounds(dtype: str, baseline: tuple[Stats, Stats]) -> dict[str, float | None]:
     """Pass bounds, relative to a baseline: dgrt's PyTorch modules at the export's dtype, run on the same
     teacher-forced inputs against the fp32 reference.
 
@@ -122,7 +122,7 @@ class Report:
         return "\n".join(lines)
 
 
-class _Stats:
+class Stats:
     """Error statistics of one compared quantity, per token (K/V) or canvas position (logits)."""
 
     def __init__(self) -> None:
@@ -202,19 +202,19 @@ def validate(
     sampler = gen.sampler if steps is None else gen.sampler.with_overrides(steps=steps)
     encoded = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}])]) for t in prompts]
 
-    def teacher_forced(runner: Backend, logits_of: Any) -> tuple[_Stats, _Stats]:
-        kv, logits = _Stats(), _Stats()
+    def compare(runner: Backend, logits_of: Any) -> tuple[Stats, Stats]:
+        kv, logits = Stats(), Stats()
         for i, ids in enumerate(encoded):
-            _teacher_forced(gen.info, runner, hf, logits_of, ids, sampler, canvases, seed + i, kv, logits)
+            teacher_forced(gen.info, runner, HFReference(hf), logits_of, ids, sampler, canvases, seed + i, kv, logits)
         return kv, logits
 
     with torch.inference_mode():
-        kv, logits = teacher_forced(gen.backend, _logits_function(gen, export_dir))
+        kv, logits = compare(gen.backend, logits_function(gen, export_dir))
         from dgrt.checkpoint import load_model
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
         model = load_model(ref_ckpt, dtype=dtype)
-        baseline = teacher_forced(TorchBackend(model), _torch_logits(model))
+        baseline = compare(TorchBackend(model), _torch_logits(model))
         e2e = [_shared_noise(gen, hf, tok, text, sampler, canvases, seed + i) for i, text in enumerate(prompts)]
 
     agreement = sum(a for a, _, _ in e2e) / len(e2e)
@@ -262,7 +262,7 @@ def _manifest(export_dir: Path) -> dict[str, Any]:
     return manifest_mod.load(export_dir)
 
 
-def _logits_function(gen: Generator, export_dir: Path) -> Any:
+def logits_function(gen: Generator, export_dir: Path) -> Any:
     """A function (DenoiseInputs, past) -> logits [B, C, V] for the generator's backend."""
     backend = gen.backend
     if isinstance(backend, OnnxRuntimeBackend):
@@ -275,9 +275,8 @@ def _logits_function(gen: Generator, export_dir: Path) -> Any:
             raise DgrtError(f"{export_dir}: its denoise graph has no 'logits' value to compare; re-export it.")
         if "logits" not in [o.name for o in graph.graph.output]:  # expose the graph's internal logits
             graph.graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
-        options = ort.SessionOptions()
+        options = session_options(_manifest(export_dir))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
-        options.add_session_config_entry("session.disable_prepacking", "1")
         session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
@@ -298,30 +297,68 @@ def _torch_logits(model: Any) -> Any:
     return run
 
 
-def _soft_from_reference(hf: Any, processed: torch.Tensor) -> torch.Tensor:
-    """The reference's self-conditioning embeddings for processed logits, with its own weights."""
-    emb = hf.model.decoder.embed_tokens
-    probs = processed.softmax(dim=-1, dtype=torch.float32).to(emb.weight.dtype)
-    return torch.matmul(probs, emb.weight) * emb.embed_scale.to(emb.weight.dtype)
+class HFReference:
+    """transformers' model as the teacher-forcing reference: its DynamicCache, decoder and soft embeddings."""
+
+    def __init__(self, hf: Any):
+        from transformers.cache_utils import DynamicCache
+
+        self.hf = hf
+        self.cache: Any = DynamicCache(config=hf.config.text_config)  # its layers are typed loosely
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole cache after adding tokens (sliding layers keep only their window)."""
+        self.hf.model.encoder(input_ids=tokens, past_key_values=self.cache, position_ids=positions)
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def denoise(self, canvas: torch.Tensor, positions: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
+        return self.hf(decoder_input_ids=canvas, past_key_values=self.cache, decoder_position_ids=positions,
+                       self_conditioning_logits=processed).logits  # fmt: skip
+
+    def soft(self, processed: torch.Tensor) -> torch.Tensor:
+        emb = self.hf.model.decoder.embed_tokens
+        probs = processed.softmax(dim=-1, dtype=torch.float32).to(emb.weight.dtype)
+        return torch.matmul(probs, emb.weight) * emb.embed_scale.to(emb.weight.dtype)
 
 
-def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, ids: torch.Tensor, sampler: Any,
-                    canvases: int, seed: int, kv: _Stats, logits: _Stats) -> None:  # fmt: skip
-    from transformers.cache_utils import DynamicCache
+class TorchReference:
+    """dgrt's own fp32 PyTorch modules as the reference (the same math as the fp32 graphs): what a
+    quantized export is measured against."""
 
+    def __init__(self, model: Any):
+        self.model = model
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] = model.empty_past(1)
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        new = self.model.prefill(tokens, positions, self.past)
+        self.past = [
+            (torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(self.past, new, strict=True)
+        ]
+        return self.past
+
+    def denoise(self, canvas: torch.Tensor, positions: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
+        soft = torch.zeros(*canvas.shape, self.model.config.hidden_size) if processed is None else self.soft(processed)
+        return self.model.denoise(canvas, soft, positions, self.past)
+
+    def soft(self, processed: torch.Tensor) -> torch.Tensor:
+        return self.model.soft_embeddings(processed)
+
+
+def teacher_forced(info: ModelInfo, backend: Backend, reference: Any, logits_of: Any, ids: torch.Tensor,
+                    sampler: Any, canvases: int, seed: int, kv: Stats, logits: Stats) -> None:  # fmt: skip
+    """Follow the reference's own sampling trajectory for `canvases` canvases; at every prefill and
+    denoise step give the backend exactly the reference's inputs and compare its K/V and logits."""
     c, p = info.canvas_length, ids.shape[1]
     rng = torch.Generator().manual_seed(seed)
-    cache: Any = DynamicCache(config=hf.config.text_config)  # its layers' keys/values are typed loosely
     pad = torch.zeros(1, dtype=torch.int64)
     past = [(torch.zeros(1, s.num_kv_heads, 0, s.head_dim, dtype=backend.dtype),) * 2 for s in info.layers]
 
     def prefill(tokens: torch.Tensor, positions: torch.Tensor) -> None:
         nonlocal past
-        hf.model.encoder(input_ids=tokens, past_key_values=cache, position_ids=positions)
+        ref_cache = reference.prefill(tokens, positions)
         new = backend.prefill(tokens, positions, pad, past)
-        for i, (k, v) in enumerate(new):  # the reference's sliding layers keep only their window
-            ref_k, ref_v = cache.layers[i].keys, cache.layers[i].values
-            n = min(ref_k.shape[2], k.shape[2])
+        for (k, v), (ref_k, ref_v) in zip(new, ref_cache, strict=True):
+            n = min(ref_k.shape[2], k.shape[2])  # the new tokens, or those of them in a sliding window
             kv.add(k[:, :, -n:].float(), ref_k[:, :, -n:], token_dim=2)
             kv.add(v[:, :, -n:].float(), ref_v[:, :, -n:], token_dim=2)
         past = [(torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(past, new, strict=True)]
@@ -333,8 +370,7 @@ def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, 
         soft = torch.zeros(1, c, info.hidden_size)
         sc = None
         for step in range(sampler.steps, 0, -1):
-            ref = hf(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=positions,
-                     self_conditioning_logits=sc).logits  # fmt: skip
+            ref = reference.denoise(canvas, positions, sc)
             temperature = sampler.temperature(step).reshape(1)
             inputs = DenoiseInputs(
                 canvas, soft.to(backend.dtype), positions, pad, temperature, torch.rand(1, c, generator=rng)
@@ -347,7 +383,7 @@ def _teacher_forced(info: ModelInfo, backend: Backend, hf: Any, logits_of: Any, 
             sample = sample_from_uniform(probs, inputs.uniform)
             noise = torch.randint(0, info.vocab_size, (1, c), generator=rng)
             canvas = torch.where(accept(entropy, sampler.entropy_bound), sample, noise)
-            sc, soft = processed, _soft_from_reference(hf, processed)
+            sc, soft = processed, reference.soft(processed)
         prefill(ref.argmax(-1), positions)
 
 

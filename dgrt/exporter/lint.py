@@ -130,11 +130,49 @@ def _check_node(node: ir.Node, cuda_graph: bool) -> list[str]:
         for name in ("softcap", "qk_matmul_output_mode"):
             if name in attrs:
                 errors.append(f"{where}: the `{name}` attribute is unsupported.")
-    elif op in ("QuantizeLinear", "DequantizeLinear") and len(node.inputs) > 2 and node.inputs[2] is not None:
-        zero_point = _constant(node.inputs[2])
-        if zero_point is None or np.any(zero_point.astype(np.float32) != 0):
-            errors.append(f"{where}: the zero point must be a constant zero (TensorRT quantizes symmetrically).")
+    elif op in ("QuantizeLinear", "DequantizeLinear"):
+        errors += _check_qdq(node, where)
     return errors
+
+
+def _check_qdq(node: ir.Node, where: str) -> list[str]:
+    """TensorRT's explicit-quantization rules: symmetric, constant positive scales, per-tensor activation
+    scales, INT4 only on constant weights, a block layout with exactly one blocked axis dividing evenly."""
+    x, scale_value = node.inputs[0], node.inputs[1]
+    zero_point_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if zero_point_value is not None:
+        zero_point = _constant(zero_point_value)
+        if zero_point is None or np.any(zero_point.astype(np.float32) != 0):
+            return [f"{where}: the zero point must be a constant zero (TensorRT quantizes symmetrically)."]
+    scale = _constant(scale_value)
+    if scale is None:
+        return [f"{where}: the scale must be a build-time constant."]
+    if not (np.all(np.isfinite(scale.astype(np.float32))) and np.all(scale.astype(np.float32) > 0)):
+        return [f"{where}: scales must all be positive and finite."]
+    weight = x is not None and _constant(x) is not None
+    quantized_type = node.outputs[0].dtype if node.op_type == "QuantizeLinear" else (x.dtype if x else None)
+    if quantized_type == ir.DataType.INT4 and not (node.op_type == "DequantizeLinear" and weight):
+        return [f"{where}: INT4 is weight-only in TensorRT (a DequantizeLinear of a constant weight)."]
+    if scale.ndim > 0 and not weight:
+        return [f"{where}: activation scales must be per-tensor (a scalar), not shape {list(scale.shape)}."]
+    if x is None or x.shape is None or scale.ndim == 0:
+        return []
+    dims = [d if isinstance(d, int) else None for d in x.shape.dims]
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+    axis = axis % len(dims)
+    if scale.ndim == 1:
+        if dims[axis] is not None and scale.shape[0] != dims[axis]:
+            return [f"{where}: {scale.shape[0]} per-axis scales for axis {axis} of size {dims[axis]}."]
+        return []
+    if scale.ndim != len(dims):
+        return [f"{where}: scale rank {scale.ndim} is neither 0, 1 nor the input's rank {len(dims)}."]
+    blocked = [i for i, (d, s) in enumerate(zip(dims, scale.shape, strict=True)) if d != s]
+    block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
+    if blocked != [axis] or block <= 0:
+        return [f"{where}: a block layout needs exactly one blocked axis, the `axis` attribute, and a block_size."]
+    if dims[axis] != scale.shape[axis] * block:
+        return [f"{where}: axis {axis} of size {dims[axis]} is not {scale.shape[axis]} blocks of {block}."]
+    return []
 
 
 def lint_model(model: ir.Model, name: str, cuda_graph: bool) -> GraphReport:
@@ -150,7 +188,7 @@ def lint_model(model: ir.Model, name: str, cuda_graph: bool) -> GraphReport:
 
 
 def lint_export(export_dir: str | Path) -> LintReport:
-    """Lint both graphs of an export directory (without reading the weights)."""
+    """Lint both graphs of an export directory (reading no weights but quantization scales)."""
     export_dir = Path(export_dir)
     manifest = manifest_mod.load(export_dir)
     reports = []

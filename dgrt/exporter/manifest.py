@@ -42,9 +42,10 @@ def build(
     max_context: int,
     weights: dict[str, Any],
     side_files: list[str],
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg = ckpt.config
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dgrt_version": __version__,
@@ -83,6 +84,15 @@ def build(
         "files": side_files,
         "config": cfg.raw,
     }
+    if quantization is not None:
+        manifest["quantization"] = quantization
+        # ONNX Runtime's CPU optimizer rewrites Q/DQ into kernels that are not what the graph says: FP8
+        # activation pairs into an invalid MatMulIntegerToFloat (session creation fails), INT4 weight DQ into
+        # MatMulNBits with int8 activations (1e-2 error). These entries keep the graph's own arithmetic.
+        manifest["onnxruntime"] = {
+            "session_config": {"session.disable_quant_qdq": "1", "session.qdq_matmulnbits_accuracy_level": "0"}
+        }
+    return manifest
 
 
 def write(out: Path, manifest: dict[str, Any]) -> None:

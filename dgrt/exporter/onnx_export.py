@@ -29,10 +29,12 @@ from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.errors import DgrtError
 from dgrt.exporter import manifest as manifest_mod
 from dgrt.exporter.io_spec import DTYPES, GraphSpec, denoise_spec, prefill_spec
+from dgrt.exporter.quantize import QuantizedWeight, Recipe, quantize_graph, quantize_weight
 from dgrt.exporter.weights import WeightFile
 from dgrt.fsutil import atomic_dir
 from dgrt.model import Denoise, DiffusionGemma, Prefill
 from dgrt.progress import Progress
+from dgrt.task import TASK_FILE, Task
 
 WEIGHTS_FILE = "weights.bin"
 DEFAULT_OPSET = 21
@@ -40,6 +42,7 @@ DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 # Example sizes for tracing: all different, none 0 or 1, so torch.export specialises nothing.
 EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6}
 
@@ -50,6 +53,12 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     max_context: int | None = None  # default: the model's max_position_embeddings
     debug_logits: bool = False
+    quant: Recipe | None = None  # None: no quantization
+    calibration: str = (
+        "auto"  # 'auto' (the task's questions if the checkpoint has one, else builtin), 'builtin', 'task' or a file
+    )
+    calibration_samples: int = 32
+    measure_accuracy: bool = True  # quantized exports: measure against fp32 into the manifest
 
 
 def export(
@@ -92,11 +101,17 @@ def export(
         graphs[name] = _trace(module, spec, options.opset, max_context)
     if not options.debug_logits:
         graphs["denoise"].graph.outputs.pop()  # "logits", the last output
+    quantized: dict[str, QuantizedWeight] = {}
+    quantization = None
+    if options.quant is not None:
+        quantized, quantization = _quantize(graphs, ckpt, options, IR_DTYPES[dtype], progress)
 
     with atomic_dir(Path(out_dir), force=force) as tmp:
         weights = WeightFile(tmp / WEIGHTS_FILE)
         try:
-            _attach_weights(graphs, ckpt, buffers, TORCH_DTYPES[dtype], weights, tmp, progress)
+            _attach_weights(
+                graphs, ckpt, buffers, TORCH_DTYPES[dtype], weights, tmp, progress, quantized, options.quant
+            )
         finally:
             weights_sha = weights.close()
         files = {}
@@ -115,17 +130,60 @@ def export(
             max_context=max_context,
             weights={"file": WEIGHTS_FILE, "bytes": weights.size, "tensors": weights.count, "sha256": weights_sha},
             side_files=copied,
+            quantization=quantization,
         )
         manifest_mod.write(tmp, manifest)
         progress.update("linting for TensorRT")
         from dgrt.exporter.lint import lint_export
 
         report = lint_export(tmp)
-        progress.close()
         if not report.ok:
             raise DgrtError(f"the exported graphs fail the TensorRT lint: {report.errors[0]}")
+        if quantization is not None and options.measure_accuracy:
+            from dgrt.exporter.accuracy import measure
+
+            progress.update("measuring accuracy against fp32")
+            quantization["accuracy"] = measure(tmp, ckpt.path)
+            manifest_mod.write(tmp, manifest)
+        progress.close()
     manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
     return manifest
+
+
+def _quantize(
+    graphs: dict[str, ir.Model], ckpt: Checkpoint, options: ExportOptions, scale_dtype: ir.DataType, progress: Progress
+) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
+    """Calibrate (FP8 recipes) and rewrite both graphs; returns the quantized initializers to write and the
+    manifest's "quantization" entry."""
+    from dgrt.exporter.calibrate import calibrate, read_prompts
+
+    recipe = options.quant
+    assert recipe is not None
+    entry: dict[str, Any] = {"recipe": recipe.name, "block_size": recipe.block_size if recipe.name != "fp8" else None}
+    entry["weights"] = (
+        "round to nearest; FP8 E4M3 scale = max |w| / 448 per output channel (per expert and channel for expert "
+        "stacks); INT4 scale = max |w| / 7 per block of the input dimension; embedding / LM head not quantized"
+    )
+    amax = None
+    if recipe.calibrated:
+        source = options.calibration
+        if source == "auto":
+            source = "task" if Task.from_dir(ckpt.path) is not None else "builtin"
+        prompts, described = read_prompts(source, ckpt.path)
+        amax = calibrate(ckpt.path, prompts, options.calibration_samples, progress)
+        entry["calibration"] = {
+            "source": described,
+            "samples": options.calibration_samples,
+            "method": "max |x| per GEMM input and graph over dgrt's generate loop (fp32 PyTorch modules); "
+            "scale = max / 448, per tensor",
+        }
+    planned: dict[str, QuantizedWeight] = {}
+    for name, graph in graphs.items():
+        progress.update(f"quantizing {name} graph ({recipe.name})")
+        planned |= quantize_graph(graph, recipe, amax[name] if amax else None, scale_dtype)
+    formats = [q.fmt for q in planned.values() if q.part == "quantized"]
+    entry["quantized_weights"] = {fmt: formats.count(fmt) for fmt in sorted(set(formats))}
+    return planned, entry
 
 
 def _meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[DiffusionGemma, dict[str, torch.Tensor]]:
@@ -228,24 +286,40 @@ def _attach_weights(
     weights: WeightFile,
     base_dir: Path,
     progress: Progress,
+    quantized: dict[str, QuantizedWeight],
+    recipe: Recipe | None,
 ) -> None:
-    """Point every model initializer at the weights file; each tensor is written once for both graphs."""
+    """Point every model initializer at the weights file; each tensor is written once for both graphs.
+    Quantized weights are computed from the checkpoint tensor here, one weight at a time."""
     values = [v for g in graphs.values() for v in g.graph.initializers.values() if _is_weight(v)]
     written: dict[str, tuple[int, int]] = {}
     names = list(dict.fromkeys(v.name for v in values))
+    current: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # the last quantized weight
+
+    def tensor_for(name: str, shape: ir.Shape) -> torch.Tensor:
+        nonlocal current
+        if name in quantized:
+            q = quantized[name]
+            assert recipe is not None
+            if current is None or current[0] != q.param:
+                source = ckpt.tensor(checkpoint_key(q.param))
+                current = (q.param, quantize_weight(source, q.fmt, recipe.block_size))
+            data, scale = current[1]
+            return data if q.part == "quantized" else scale.to(dtype)  # INT4 data is packed: no shape check
+        param = name.removeprefix("model.")
+        tensor = buffers[param] if param in buffers else ckpt.tensor(checkpoint_key(param)).to(dtype)
+        if tuple(tensor.shape) != tuple(shape.dims):
+            raise DgrtError(
+                f"initializer {name} has shape {list(shape.dims)} in the graph, {list(tensor.shape)} on disk."
+            )
+        return tensor
+
     for value in values:
         name, shape, dtype_ = value.name, value.shape, value.dtype
         assert name is not None and shape is not None and dtype_ is not None  # initializers are typed
         if name not in written:
             progress.update("writing weights", len(written), len(names))
-            param = name.removeprefix("model.")
-            tensor = buffers[param] if param in buffers else ckpt.tensor(checkpoint_key(param)).to(dtype)
-            if tuple(tensor.shape) != tuple(shape.dims):
-                raise DgrtError(
-                    f"initializer {name} has shape {list(shape.dims)} in the graph, {list(tensor.shape)} on disk."
-                )
-            written[name] = weights.add(tensor)
-            del tensor
+            written[name] = weights.add(tensor_for(name, shape))
         offset, length = written[name]
         value.const_value = ir.ExternalTensor(
             WEIGHTS_FILE, offset, length, dtype_, shape=shape, name=name, base_dir=base_dir
@@ -254,7 +328,7 @@ def _attach_weights(
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
+    for name in (*TOKENIZER_FILES, "generation_config.json", TASK_FILE):
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
             copied.append(name)

@@ -201,13 +201,14 @@ class Experts(nn.Module):
         self.intermediate = i
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate = first i rows, up = last i
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.down_input = nn.Identity()  # where quantization calibration observes the down projection's input
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         # Weights times transposed activations: batched MatMuls that read the weights as stored (no
         # weight Transpose for a runtime to fold into a copy), and slices instead of split.
         gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, N]
         gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-        out = torch.matmul(self.down_proj, gelu_tanh(gate) * up)  # [E, H, N]
+        out = torch.matmul(self.down_proj, self.down_input(gelu_tanh(gate) * up))  # [E, H, N]
         mixed = torch.matmul(routing[:, None, :], out.float().permute(2, 0, 1))  # [N, 1, E] @ [N, E, H]
         return mixed.squeeze(1).to(x.dtype)
 

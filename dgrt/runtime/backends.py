@@ -93,6 +93,22 @@ class TorchBackend:
 ORT_TYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 
 
+def session_options(manifest: dict[str, Any], threads: int | None = None, prepack: bool = False) -> Any:
+    """ONNX Runtime session options for an export's graphs: the manifest's session config entries (a
+    quantized export needs its Q/DQ run as written: see dgrt.exporter.quantize), pre-packing off unless
+    asked for."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in manifest.get("onnxruntime", {}).get("session_config", {}).items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -115,11 +131,7 @@ class OnnxRuntimeBackend:
         self.sessions = {}
         self.specs = manifest["graphs"]
         for name, graph in self.specs.items():
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            if not (prepack and name == "denoise"):
-                options.add_session_config_entry("session.disable_prepacking", "1")
+            options = session_options(manifest, threads, prepack=prepack and name == "denoise")
             try:
                 self.sessions[name] = ort.InferenceSession(
                     str(export_dir / graph["file"]), options, providers=providers or ["CPUExecutionProvider"]

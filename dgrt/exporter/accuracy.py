@@ -1,0 +1,100 @@
+"""How far a quantized export is from full precision, measured as `dgrt export --quant` reports it.
+
+The fp32 side is dgrt's fp32 PyTorch modules on the same checkpoint: the same math as the fp32 export
+(the two agree to 1e-4, tests/test_export.py), without writing a second export. The quantized side runs
+on ONNX Runtime's CPU provider with the session options its manifest names, so its Q/DQ arithmetic is the
+graph's own.
+
+* teacher-forced: the fp32 model samples its own trajectory; at every prefill and denoise step the
+  quantized graphs get exactly its inputs (dgrt.validate.teacher_forced): K/V error, logits error,
+  cosine, argmax agreement;
+* end to end: both generate for the same prompts with the checkpoint's sampler (adaptive stopping on):
+  mean denoise steps per canvas, and, for a checkpoint trained on dgrt's task, exact-match accuracy on
+  held-out questions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dgrt.task import Task, score
+from dgrt.validate import DEFAULT_PROMPTS, Stats, TorchReference, logits_function, teacher_forced
+
+TEACHER_FORCED_STEPS = 16  # per canvas; the schedule's temperatures are spread over them
+
+
+def measure(
+    export_dir: Path, checkpoint_dir: Path, canvases: int = 2, task_examples: int = 200, seed: int = 0
+) -> dict[str, Any]:
+    import dgrt
+
+    quantized = dgrt.load(export_dir, backend="onnxruntime")
+    full = dgrt.load(checkpoint_dir, backend="torch")
+    task = Task.from_dir(checkpoint_dir)
+    prompts = [e.question for e in task.examples(3, seed=seed + 1)] if task else list(DEFAULT_PROMPTS)
+    tok = quantized.tokenizer
+    assert tok is not None
+    sampler = quantized.sampler.with_overrides(steps=min(quantized.sampler.steps, TEACHER_FORCED_STEPS))
+    kv, logits = Stats(), Stats()
+    with torch.inference_mode():
+        logits_of = logits_function(quantized, export_dir)
+        for i, text in enumerate(prompts):
+            ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": text}])])
+            reference = TorchReference(full.backend.model)  # type: ignore[attr-defined]
+            teacher_forced(quantized.info, quantized.backend, reference, logits_of, ids, sampler, canvases, seed + i,
+                           kv, logits)  # fmt: skip
+    result: dict[str, Any] = {
+        "reference": "dgrt's fp32 PyTorch modules, same checkpoint",
+        "backend": "onnxruntime CPU",
+        "prompts": prompts,
+        "teacher_forced": {
+            "steps_per_canvas": sampler.steps,
+            "canvases": canvases,
+            "kv_max_abs_error": kv.max_abs,
+            "kv_mean_abs_error": kv.mean_abs,
+            "logits_max_abs_error": logits.max_abs,
+            "logits_mean_abs_error": logits.mean_abs,
+            "logits_cosine_p1": logits.cosine_p1,
+            "argmax_agreement": logits.agreement,
+            "positions": logits.positions,
+        },
+    }
+    steps = {}
+    for name, gen in (("fp32", full), ("quantized", quantized)):
+        out = gen.generate(prompts, seed=seed, max_new_tokens=canvases * gen.info.canvas_length)
+        steps[name] = sum(s for row in out.steps_per_canvas for s in row) / sum(map(len, out.steps_per_canvas))
+    result["steps_per_canvas"] = steps | {"limit": quantized.sampler.steps}
+    if task is not None and task_examples:
+        examples = task.examples(task_examples)
+        result["task"] = {
+            name: vars(score(gen, examples, seed=seed)) for name, gen in (("fp32", full), ("quantized", quantized))
+        }
+    quantized.close()
+    full.close()
+    return result
+
+
+def format_summary(recipe: str, accuracy: dict[str, Any]) -> str:
+    """One screen: the quantized export against fp32."""
+    tf, steps = accuracy["teacher_forced"], accuracy["steps_per_canvas"]
+    lines = [
+        f"accuracy of {recipe} against fp32 ({accuracy['reference']}; {accuracy['backend']}):",
+        f"  denoise logits, teacher-forced over {tf['positions']} positions: "
+        f"max abs error {tf['logits_max_abs_error']:.4g}, mean {tf['logits_mean_abs_error']:.4g}, "
+        f"cosine 1st pct {tf['logits_cosine_p1']:.6f}, "
+        f"argmax agreement {100 * tf['argmax_agreement']:.2f}%",
+        f"  prefill K/V: max abs error {tf['kv_max_abs_error']:.4g}, mean {tf['kv_mean_abs_error']:.4g}",
+        f"  steps per canvas (adaptive stopping on, limit {steps['limit']}): fp32 {steps['fp32']:.2f}, "
+        f"{recipe} {steps['quantized']:.2f}",
+    ]
+    if "task" in accuracy:
+        full, quantized = accuracy["task"]["fp32"], accuracy["task"]["quantized"]
+        lines.append(
+            f"  task accuracy on {full['examples']} held-out questions: fp32 {100 * full['accuracy']:.1f}%, "
+            f"{recipe} {100 * quantized['accuracy']:.1f}% (steps per canvas {full['mean_steps_per_canvas']:.2f} / "
+            f"{quantized['mean_steps_per_canvas']:.2f})"
+        )
+    return "\n".join(lines)

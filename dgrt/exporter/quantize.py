@@ -1,0 +1,214 @@
+"""Quantization recipes as standard ONNX Q/DQ: which weights get which format, the weight math, and the
+rewrite of the traced graphs.
+
+* fp8: E4M3 weights with one scale per output channel (per expert and channel for the 3-D expert stacks,
+  written as a block of the whole input dimension), and every such GEMM's activation input through a
+  QuantizeLinear/DequantizeLinear pair with one static per-tensor scale from calibration (W8A8).
+* int4: weight-only; signed INT4 in blocks of `block_size` along the input dimension, packed two per byte
+  (low nibble first), fp scales [..., K / block_size]; activations untouched (W4A16).
+* int4-experts: INT4 expert stacks, FP8 everything else.
+
+Every rule TensorRT states holds by construction: symmetric (no zero point on weights; the activation
+pairs carry an explicit zero FP8 zero point, which is what fixes their output type), constant positive
+scales, per-tensor activation scales, INT4 only on weights. The tied embedding / LM head stays in the
+export dtype (it is also read by Gather and by the self-conditioning matmul). The router's linear layer is
+quantized like any other; its softmax and top-k stay in full precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from dgrt.errors import DgrtError
+
+RECIPES = ("fp8", "int4", "int4-experts")
+BLOCK_SIZES = (32, 64, 128)
+FP8_MAX = 448.0  # largest finite E4M3FN value
+INT4_MAX = 7  # symmetric: [-7, 7] is used, -8 never
+QUANTIZED_SUFFIX, SCALE_SUFFIX = "_quantized", "_scale"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPES:
+            raise DgrtError(f"unknown quantization recipe {self.name!r}; expected one of {', '.join(RECIPES)}.")
+        if self.block_size not in BLOCK_SIZES:
+            raise DgrtError(f"block size {self.block_size} is not supported; expected one of {BLOCK_SIZES}.")
+
+    def weight_format(self, param: str) -> str | None:
+        """'fp8', 'int4' or None (kept in the export dtype) for the weight parameter of a GEMM."""
+        if param == "embed_tokens.weight":
+            return None
+        if self.name == "int4-experts":
+            return "int4" if ".experts." in param else "fp8"
+        return "int4" if self.name == "int4" else "fp8"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether activation scales are needed (any FP8 GEMM)."""
+        return self.name != "int4"
+
+
+# -- the weight math (torch; W is [N, K] for linear layers, [E, N, K] for expert stacks) ------------------
+
+
+def fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 weight, fp32 scale): one scale per output row; [N] for 2-D, [E, N, 1] for 3-D weights."""
+    amax = w.float().abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale.squeeze(-1) if w.dim() == 2 else scale
+
+
+def int4_weight(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 tensor holding INT4 values, fp32 scales [..., K / block_size]): round to nearest."""
+    k = w.shape[-1]
+    blocks = w.float().reshape(*w.shape[:-1], k // block_size, block_size)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax))
+    q = torch.round(blocks / scale).clamp(-INT4_MAX, INT4_MAX).to(torch.int8)
+    return q.reshape(w.shape), scale.squeeze(-1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """INT4 values as ONNX stores them: two per byte, the first in the low nibble (uint8, ceil(n / 2))."""
+    flat = q.flatten().to(torch.uint8) & 0x0F
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """What DequantizeLinear computes, for checks: fp32 weight from (q, scale) of either format."""
+    if block_size is None:  # fp8: one scale per row
+        return q.float() * (scale[:, None] if q.dim() == 2 else scale)
+    return q.float() * scale.repeat_interleave(block_size, dim=-1)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bytes as stored, scale) of a weight in a format: FP8 tensor or packed INT4 uint8 tensor."""
+    if fmt == "fp8":
+        return fp8_weight(w)
+    if w.shape[-1] % block_size:
+        raise DgrtError(
+            f"a weight of shape {list(w.shape)} cannot be split into INT4 blocks of {block_size} along its input "
+            f"dimension {w.shape[-1]}; choose a --block-size that divides it."
+        )
+    q, scale = int4_weight(w, block_size)
+    return pack_int4(q), scale
+
+
+# -- the graph rewrite ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Where a quantized initializer's data comes from: the parameter, the format, and which part."""
+
+    param: str
+    fmt: str
+    part: str  # "quantized" or "scale"
+
+
+def quantize_graph(
+    model: ir.Model,
+    recipe: Recipe,
+    activation_amax: dict[str, float] | None,
+    scale_dtype: ir.DataType,
+) -> dict[str, QuantizedWeight]:
+    """Insert weight DequantizeLinear (and FP8 activation Q/DQ) in front of every GEMM that reads a weight
+    the recipe quantizes. Returns the new weight initializers (data still to be written: see
+    `quantize_weight`). activation_amax: weight parameter -> calibrated max |input| of its GEMM in this
+    graph."""
+    graph = model.graph
+    planned: dict[str, QuantizedWeight] = {}
+    for node in list(graph):
+        slots = _gemm_slots(node)
+        if slots is None:
+            continue
+        w_index, x_index = slots
+        weight = node.inputs[w_index]
+        assert weight is not None and weight.name is not None and weight.shape is not None
+        param = weight.name.removeprefix("model.")
+        fmt = recipe.weight_format(param)
+        if fmt is None:
+            continue
+        dims = [int(d) for d in weight.shape.dims if isinstance(d, int)]  # weights have static shapes
+        k = dims[-1]
+        if fmt == "int4" and k % recipe.block_size:
+            raise DgrtError(
+                f"{param} has input dimension {k}, which INT4 blocks of {recipe.block_size} do not divide; "
+                "choose a --block-size that divides it."
+            )
+        q_name, s_name = weight.name + QUANTIZED_SUFFIX, weight.name + SCALE_SUFFIX
+        if fmt == "fp8":
+            q_dtype, s_dims = ir.DataType.FLOAT8E4M3FN, dims[:1] if len(dims) == 2 else [*dims[:-1], 1]
+            attrs = {"axis": 0} if len(dims) == 2 else {"axis": len(dims) - 1, "block_size": k}
+        else:
+            q_dtype, s_dims = ir.DataType.INT4, [*dims[:-1], k // recipe.block_size]
+            attrs = {"axis": len(dims) - 1, "block_size": recipe.block_size}
+        q_value = _initializer(graph, q_name, q_dtype, dims)
+        s_value = _initializer(graph, s_name, scale_dtype, s_dims)
+        planned[q_name] = QuantizedWeight(param, fmt, "quantized")
+        planned[s_name] = QuantizedWeight(param, fmt, "scale")
+        dq = ir.node("DequantizeLinear", [q_value, s_value], attributes=attrs, name=f"{node.name}/weight_dq")
+        graph.insert_before(node, dq)
+        node.replace_input_with(w_index, dq.outputs[0])
+        if fmt == "fp8" and activation_amax is not None:
+            _quantize_activation(graph, node, x_index, activation_amax[param], scale_dtype)
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and n.startswith("model.")]:
+        graph.initializers.pop(name)
+    model.ir_version = max(model.ir_version, 10)  # INT4 is an IR-10 type
+    return planned
+
+
+def _gemm_slots(node: ir.Node) -> tuple[int, int] | None:
+    """(weight input, activation input) of a GEMM reading a model weight as stored, or None: Gemm(x, W^T)
+    for linear layers, MatMul(W, x^T) for expert stacks (see dgrt.model.layers)."""
+
+    def is_weight(i: int) -> bool:
+        v = node.inputs[i] if len(node.inputs) > i else None
+        return v is not None and v.is_initializer() and (v.name or "").startswith("model.")
+
+    if node.op_type == "Gemm" and is_weight(1):
+        trans_b = node.attributes.get("transB")
+        if trans_b is None or trans_b.as_int() != 1:
+            raise DgrtError(f"{node.name}: a Gemm reading a weight untransposed; expected transB=1.")
+        return 1, 0
+    if node.op_type == "MatMul" and is_weight(0):
+        return 0, 1
+    return None
+
+
+def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, dims: list[int]) -> ir.Value:
+    """The graph's initializer of that name, created (without data yet) on first use."""
+    if name not in graph.initializers:
+        graph.initializers[name] = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+    return graph.initializers[name]
+
+
+def _quantize_activation(graph: ir.Graph, node: ir.Node, index: int, amax: float, dtype: ir.DataType) -> None:
+    """x -> QuantizeLinear -> DequantizeLinear -> node, FP8 E4M3, one constant scale."""
+    x = node.inputs[index]
+    assert x is not None
+    scale = max(float(amax), 1e-12) / FP8_MAX
+    s = ir.Value(name=f"qdq/{node.name}/input_scale", type=ir.TensorType(dtype), shape=ir.Shape([]))
+    s.const_value = ir.tensor(np.array(scale, dtype=dtype.numpy()), name=s.name)
+    zp = ir.Value(
+        name=f"qdq/{node.name}/input_zero_point", type=ir.TensorType(ir.DataType.FLOAT8E4M3FN), shape=ir.Shape([])
+    )
+    zp.const_value = ir.tensor(np.zeros((), dtype=ir.DataType.FLOAT8E4M3FN.numpy()), name=zp.name)
+    graph.register_initializer(s)
+    graph.register_initializer(zp)
+    q = ir.node("QuantizeLinear", [x, s, zp], name=f"{node.name}/input_q")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{node.name}/input_dq")
+    graph.insert_before(node, [q, dq])
+    node.replace_input_with(index, dq.outputs[0])

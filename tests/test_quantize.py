@@ -1,0 +1,196 @@
+"""Quantized exports: the weight math, the Q/DQ structure TensorRT expects, the lint's quantization rules,
+calibration inputs, and that the graphs run on ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import dgrt
+from dgrt.checkpoint import Checkpoint, checkpoint_key
+from dgrt.errors import DgrtError
+from dgrt.exporter.calibrate import builtin_prompts, read_prompts
+from dgrt.exporter.lint import lint_export, lint_model
+from dgrt.exporter.onnx_export import ExportOptions, export
+from dgrt.exporter.quantize import FP8_MAX, Recipe, dequantize, fp8_weight, int4_weight, pack_int4
+
+# -- the weight math ---------------------------------------------------------------------------------------
+
+
+def test_fp8_weights_reproduce_the_originals_within_e4m3_rounding() -> None:
+    w = torch.randn(3, 40, 64) * torch.logspace(-3, 1, 40)[None, :, None]  # rows of very different ranges
+    q, scale = fp8_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 40, 1)
+    # E4M3 keeps 3 mantissa bits: relative rounding error <= 2^-4; below 2^-6 (subnormals) the step is 2^-9.
+    bound = 2**-4 * w.abs() + scale * 2**-9
+    assert torch.all((dequantize(q, scale) - w).abs() <= bound)
+    assert torch.allclose(q.float().abs().amax(dim=-1), torch.full((3, 40), FP8_MAX))  # each row uses the range
+
+    q2, scale2 = fp8_weight(w[0])  # a linear layer: one scale per output row, 1-D
+    assert scale2.shape == (40,) and torch.all((dequantize(q2, scale2) - w[0]).abs() <= bound[0])
+
+
+def test_int4_blocks_reproduce_the_originals_within_half_a_step() -> None:
+    w = torch.randn(2, 16, 128)
+    q, scale = int4_weight(w, block_size=32)
+    assert scale.shape == (2, 16, 4) and q.min() >= -7 and q.max() <= 7
+    step = scale.repeat_interleave(32, dim=-1)
+    assert torch.all((dequantize(q, scale, 32) - w).abs() <= step / 2 + 1e-7)
+
+
+def test_int4_packs_two_values_per_byte_low_nibble_first() -> None:
+    packed = pack_int4(torch.tensor([1, -2, 3], dtype=torch.int8))
+    assert packed.tolist() == [0xE1, 0x03]  # -2 is 0xE in two's complement; the odd tail is zero-padded
+
+
+def test_recipes_choose_formats_per_weight() -> None:
+    linear, expert = "layers.0.self_attn.q_proj.weight", "layers.0.experts.gate_up_proj"
+    assert [Recipe(r).weight_format(linear) for r in ("fp8", "int4", "int4-experts")] == ["fp8", "int4", "fp8"]
+    assert [Recipe(r).weight_format(expert) for r in ("fp8", "int4", "int4-experts")] == ["fp8", "int4", "int4"]
+    assert Recipe("fp8").weight_format("embed_tokens.weight") is None  # tied LM head: kept
+    with pytest.raises(DgrtError, match="unknown quantization recipe"):
+        Recipe("int3")
+    with pytest.raises(DgrtError, match="block size 48"):
+        Recipe("int4", block_size=48)
+
+
+# -- exports ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for recipe in ("fp8", "int4", "int4-experts"):
+        options = ExportOptions(quant=Recipe(recipe, 32), calibration_samples=4, measure_accuracy=recipe == "fp8")
+        export(tiny_ckpt, root / recipe, options)
+        out[recipe] = root / recipe
+    return out
+
+
+def _weight_gemms(model: ir.Model) -> list[tuple[ir.Node, int, int]]:
+    """(GEMM, weight input, activation input) for every GEMM fed by a dequantized weight."""
+    out = []
+    for dq in model.graph:
+        if dq.op_type == "DequantizeLinear" and (dq.inputs[0].name or "").endswith("_quantized"):
+            out += [(use.node, use.idx, 1 - use.idx) for use in dq.outputs[0].uses()]
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "int4", "int4-experts"])
+def test_every_linear_and_expert_weight_is_dequantized_in_front_of_its_gemm(
+    quantized: dict[str, Path], tiny_ckpt: Path, recipe: str
+) -> None:
+    ckpt = Checkpoint.open(tiny_ckpt)
+    expected_formats = {"fp8": ("fp8", "fp8"), "int4": ("int4", "int4"), "int4-experts": ("fp8", "int4")}[recipe]
+    model = ir.load(quantized[recipe] / "denoise.onnx")
+    gemms = _weight_gemms(model)
+    cfg = ckpt.config
+    # per layer: q, k, (v), o, 3 MLP, router, 2 expert GEMMs; 3 self-conditioning linears
+    assert len(gemms) == sum(9 + s.has_v_proj for s in cfg.layers) + 3
+    assert {n.op_type for n, _, _ in gemms} == {"Gemm", "MatMul"}
+    unquantized = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].is_initializer()]
+    assert [n.inputs[1].name for n in unquantized] == ["model.embed_tokens.weight"]  # the LM head only
+    for node, w_index, x_index in gemms:
+        dq = node.inputs[w_index].producer()
+        assert dq is not None and dq.op_type == "DequantizeLinear" and len(dq.inputs) == 2  # no zero point
+        weight = dq.inputs[0]
+        param = weight.name.removeprefix("model.").removesuffix("_quantized")
+        fmt = expected_formats[1] if ".experts." in param else expected_formats[0]
+        assert weight.dtype == (ir.DataType.FLOAT8E4M3FN if fmt == "fp8" else ir.DataType.INT4)
+        # The stored weight, dequantized as the graph does, is the checkpoint's within the format's error.
+        original = ckpt.tensor(checkpoint_key(param)).float()
+        q = torch.from_numpy(np.asarray(weight.const_value.numpy()).astype(np.float32))
+        scale = torch.tensor(dq.inputs[1].const_value.numpy())
+        if fmt == "fp8":
+            assert torch.all((dequantize(q, scale) - original).abs() <= 2**-4 * original.abs() + 1e-6)
+        else:
+            assert dq.attributes["block_size"].as_int() == 32 and dq.attributes["axis"].as_int() == q.dim() - 1
+            assert torch.all((dequantize(q, scale, 32) - original).abs() <= scale.max() / 2 + 1e-6)
+        activation = node.inputs[x_index].producer()
+        if fmt == "fp8":  # W8A8: a Q/DQ pair with one positive constant scale on the activation
+            assert activation is not None and activation.op_type == "DequantizeLinear"
+            assert activation.inputs[0].producer().op_type == "QuantizeLinear"
+            act_scale = activation.inputs[1].const_value.numpy()
+            assert act_scale.shape == () and act_scale > 0
+        else:  # weight-only
+            assert activation is None or activation.op_type != "DequantizeLinear"
+    embedding = model.graph.initializers["model.embed_tokens.weight"]
+    assert embedding.dtype == ir.DataType.FLOAT  # tied embedding / LM head stays in full precision
+
+
+def test_weights_are_stored_once_and_smaller(quantized: dict[str, Path], tiny_ckpt: Path) -> None:
+    fp8, int4 = (json.loads((quantized[r] / "manifest.json").read_text()) for r in ("fp8", "int4"))
+    fp32_bytes = Checkpoint.open(tiny_ckpt).weight_bytes
+    assert int4["weights"]["bytes"] < fp8["weights"]["bytes"] < fp32_bytes
+    prefill = ir.load(quantized["int4"] / "prefill.onnx").graph.initializers
+    denoise = ir.load(quantized["int4"] / "denoise.onnx").graph.initializers
+    shared = [n for n in prefill if n.endswith("_quantized") and n in denoise]
+    assert shared and all(prefill[n].const_value.offset == denoise[n].const_value.offset for n in shared)
+
+
+def test_manifest_records_the_recipe_calibration_and_accuracy(quantized: dict[str, Path]) -> None:
+    manifest = json.loads((quantized["fp8"] / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert q["recipe"] == "fp8" and q["calibration"]["samples"] == 4 and "builtin" in q["calibration"]["source"]
+    assert manifest["onnxruntime"]["session_config"]["session.disable_quant_qdq"] == "1"
+    tf = q["accuracy"]["teacher_forced"]
+    # A random-weight model is the harsh case (near-uniform logits, ties everywhere): measured on tiny,
+    # 2026-11-28, argmax agreement 0.63 and cosine p1 0.59. The bounds only say the graphs compute the model.
+    assert tf["argmax_agreement"] > 0.4 and tf["logits_cosine_p1"] > 0.3
+    int4 = json.loads((quantized["int4"] / "manifest.json").read_text())["quantization"]
+    assert int4["block_size"] == 32 and "calibration" not in int4  # weight-only: nothing to calibrate
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "int4", "int4-experts"])
+def test_quantized_exports_generate_and_pass_the_lint(quantized: dict[str, Path], recipe: str) -> None:
+    assert lint_export(quantized[recipe]).ok
+    with dgrt.load(quantized[recipe]) as gen:
+        result = gen.generate(["Hello", "Reverse: abc"], seed=0, max_new_tokens=32)
+    assert len(result.tokens) == 2 and all(len(t) == 32 for t in result.tokens)
+
+
+def test_lint_rejects_what_tensorrt_rejects(quantized: dict[str, Path]) -> None:
+    model = ir.load(quantized["fp8"] / "denoise.onnx")
+    q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    scale = q_nodes[0].inputs[1]
+    scale.const_value = ir.tensor(np.array(-0.5, dtype=np.float32))
+    assert any("positive" in e for e in lint_model(model, "denoise", True).errors)
+    scale.const_value = ir.tensor(np.array([0.5, 0.5], dtype=np.float32))
+    assert any("per-tensor" in e for e in lint_model(model, "denoise", True).errors)
+
+    model = ir.load(quantized["int4"] / "denoise.onnx")
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    dq.attributes["block_size"] = ir.AttrInt64("block_size", 16)
+    assert any("blocks of 16" in e for e in lint_model(model, "denoise", True).errors)
+
+
+def test_int4_refuses_a_block_size_that_does_not_divide(tiny_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(DgrtError, match="--block-size"):
+        export(tiny_ckpt, tmp_path / "out", ExportOptions(quant=Recipe("int4", 64)))
+    assert not (tmp_path / "out").exists()
+
+
+# -- calibration inputs ------------------------------------------------------------------------------------
+
+
+def test_calibration_prompts_from_builtin_text_and_jsonl(tmp_path: Path) -> None:
+    assert len(builtin_prompts()) >= 30
+    lines = tmp_path / "p.txt"
+    lines.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(str(lines), tmp_path)[0] == ["first prompt", "second prompt"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('"a"\n{"prompt": "b"}\n{"text": "c"}\n{"messages": [{"role": "user", "content": "d"}]}\n')
+    assert read_prompts(str(jsonl), tmp_path)[0] == ["a", "b", "c", [{"role": "user", "content": "d"}]]
+    jsonl.write_text('{"nothing": 1}\n')
+    with pytest.raises(DgrtError, match=r"p.jsonl:1: expected a string"):
+        read_prompts(str(jsonl), tmp_path)
+    with pytest.raises(DgrtError, match="has no dgrt_task.json"):
+        read_prompts("task", tmp_path)
+    with pytest.raises(DgrtError, match="expected 'builtin', 'task' or a prompt file"):
+        read_prompts(str(tmp_path / "missing.txt"), tmp_path)
