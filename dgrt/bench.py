@@ -28,6 +28,9 @@ from dgrt.errors import DgrtError
 from dgrt.progress import Progress
 from dgrt.runtime.backends import DenoiseInputs, TorchBackend
 from dgrt.runtime.generator import CanvasEvent, Generator
+from dgrt.task import Task, score
+
+TASK_EXAMPLES = 200  # held-out questions scored when the model was trained on dgrt's task
 
 
 @dataclass
@@ -226,6 +229,12 @@ def run_bench(
                 "denoise_weight_bytes_per_second": traffic,
                 "fraction_of_bandwidth": traffic / bandwidth,
             }
+            task = Task.from_dir(path)
+            if task is not None:  # a model trained on dgrt's task: what its speed buys
+                progress.update(f"scoring the task on {gen.backend.name}")
+                t0 = time.perf_counter()
+                scored = score(gen, task.examples(TASK_EXAMPLES))
+                report["backends"][gen.backend.name]["task"] = vars(scored) | {"seconds": time.perf_counter() - t0}
     if reference is not None:
         ref = bench_reference(reference, prompt_lengths, past_lengths, step_counts, runs, threads, progress)
         report["reference"] = _side_json(ref)
@@ -284,6 +293,13 @@ def format_report(r: dict[str, Any]) -> str:
                          f"  x{speedup['generation'][k]:.2f}")  # fmt: skip
             lines.append(f"  {k:>9} {v['tokens_per_second']:8.1f} tok/s {v['steps_per_canvas']:5.1f} steps "
                          f"{v['time_to_first_canvas']:.2f} s{extra}")  # fmt: skip
+        if "task" in side:
+            task = side["task"]
+            lines.append(
+                f"task: {100 * task['accuracy']:.1f}% exact on {task['examples']} held-out questions, "
+                f"{task['mean_steps_per_canvas']:.2f} steps per canvas (limit {task['max_steps']}), "
+                f"{task['tokens_per_forward']:.2f} tokens per forward, {task['seconds']:.1f} s"
+            )
         lines.append(
             f"denoise weight traffic {side['denoise_weight_bytes_per_second'] / 1e9:.2f} GB/s = "
             f"{100 * side['fraction_of_bandwidth']:.1f}% of the measured memory bandwidth "

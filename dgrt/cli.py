@@ -177,7 +177,7 @@ def _backend_list(text: str) -> list[str]:
     return names
 
 
-def _demo_validation(export_dir: Path, checkpoint: Path) -> str:
+def _demo_validation(export_dir: Path, checkpoint: Path, prompt: str) -> str:
     """One line on the export's accuracy against transformers, or why it was skipped."""
     try:
         import transformers  # noqa: F401
@@ -185,7 +185,7 @@ def _demo_validation(export_dir: Path, checkpoint: Path) -> str:
         return "accuracy: not checked (transformers is not installed: pip install 'dgrt[reference]')"
     from dgrt.validate import validate
 
-    report = validate(export_dir, checkpoint, prompts=("Hello",), canvases=1, steps=8)
+    report = validate(export_dir, checkpoint, prompts=(prompt,), canvases=1, steps=8, task_examples=0)
     checks = {c.name: c.measured for c in report.checks}
     return (
         f"accuracy against transformers: {'passed' if report.ok else 'FAILED'}; logits max abs error "
@@ -194,29 +194,48 @@ def _demo_validation(export_dir: Path, checkpoint: Path) -> str:
     )
 
 
+DEMO_QUESTION = "Reverse: blockdiffusionrefinesinparallel"
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     import dgrt
     from dgrt.exporter.onnx_export import export
     from dgrt.progress import Progress
     from dgrt.runtime.display import CanvasDisplay, summary
+    from dgrt.task import Task, score, shipped_checkpoint
     from dgrt.tiny import write_tiny
 
     with tempfile.TemporaryDirectory(prefix="dgrt-demo-") as tmp:
         t0 = time.perf_counter()
-        ckpt = write_tiny(Path(tmp) / args.preset, preset=args.preset, seed=0)
+        if args.random:
+            ckpt, what = write_tiny(Path(tmp) / args.random, preset=args.random, seed=0), f"a '{args.random}' random"
+        else:
+            ckpt, what = shipped_checkpoint(), "dgrt's trained string-reversal"
+        task = Task.from_dir(ckpt)
         manifest = export(ckpt, Path(tmp) / "onnx", progress=Progress())
         print(
-            f"made the '{args.preset}' random checkpoint and exported it to ONNX in "
-            f"{time.perf_counter() - t0:.1f} s (weights {manifest['weights']['bytes'] / 2**20:.1f} MiB, "
-            "TensorRT lint passed)"
+            f"exported {what} checkpoint to ONNX in {time.perf_counter() - t0:.1f} s "
+            f"(weights {manifest['weights']['bytes'] / 2**20:.1f} MiB, TensorRT lint passed)"
         )
-        accuracy = _demo_validation(Path(tmp) / "onnx", ckpt)
+        prompt = args.prompt or (DEMO_QUESTION if task else "Reverse the string 'diffusion'.")
+        accuracy = _demo_validation(Path(tmp) / "onnx", ckpt, prompt)
         with dgrt.load(Path(tmp) / "onnx") as gen:
-            print(f"prompt: {args.prompt!r} (chat template applied)")
-            result = gen.generate(args.prompt, seed=0, on_event=CanvasDisplay(gen.tokenizer, 1))
+            print(f"prompt: {prompt!r} (chat template applied)")
+            result = gen.generate(prompt, seed=0, on_event=CanvasDisplay(gen.tokenizer, 1))
             print(summary(result, gen.backend.name))
+            if task is not None and prompt.startswith("Reverse: "):
+                expected = prompt.removeprefix("Reverse: ")[::-1]
+                right = result.texts[0].strip() == expected
+                print("answer correct" if right else f"answer WRONG (expected {expected})")
+            if task is not None:
+                t0 = time.perf_counter()
+                scored = score(gen, task.examples(100))
+                print(f"{scored.format()} ({time.perf_counter() - t0:.1f} s on {gen.backend.name})")
     print(accuracy)
-    print("random weights: the text is noise, and entropies stay too high for adaptive stopping to end a canvas early")
+    if task is None:
+        print(
+            "random weights: the text is noise, and entropies stay too high for adaptive stopping to end a canvas early"
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dgrt.tiny import PRESETS
 
-    p = sub.add_parser("demo", help="make a small random checkpoint, export it and generate with the canvas shown live")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--prompt", default="Reverse the string 'diffusion'.")
+    p = sub.add_parser(
+        "demo", help="export dgrt's trained model, check it, answer a question with the canvas shown live, score it"
+    )
+    p.add_argument("--random", choices=sorted(PRESETS), help="use a random checkpoint of this preset instead")
+    p.add_argument("--prompt", help=f"default: {DEMO_QUESTION!r}")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="generate text from an export directory or a checkpoint folder")

@@ -20,8 +20,16 @@ if TYPE_CHECKING:
     from dgrt.runtime.generator import Generator
 
 TASK_FILE = "dgrt_task.json"
+SHIPPED = "trained/reverse"  # the trained checkpoint inside the package (tools/train_small.py)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HELD_OUT_SEED = 20261128  # training draws from other seeds; see tools/train_small.py
+
+
+def shipped_checkpoint() -> Path:
+    """The checkpoint folder of dgrt's trained reversal model (Hugging Face layout, fp32, ~4 MiB)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dgrt").joinpath(SHIPPED)))
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         canvas_length=32,
     ),
+    # The architecture of dgrt's shipped trained model (tools/train_small.py, dgrt.task): 1.15M parameters.
+    "reverse": dict(
+        text=dict(
+            vocab_size=128,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            layer_types=[S, F, S, F],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            global_head_dim=64,
+            num_global_key_value_heads=1,
+            sliding_window=16,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=64,
+            max_position_embeddings=512,
+        ),
+        canvas_length=16,
+    ),
     # REFERENCE.md's CPU timing config: 77M parameters, canvas 256.
     "bench": dict(
         text=dict(

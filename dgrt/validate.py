@@ -33,7 +33,9 @@ from dgrt.model.sampling import sample_from_uniform
 from dgrt.runtime.backends import Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend, session_options
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.sampler import accept
+from dgrt.task import Task, score
 
+TASK_EXAMPLES = 200
 DEFAULT_PROMPTS = (
     "Reverse the string 'diffusion'.",
     "List three prime numbers.",
@@ -179,6 +181,7 @@ def validate(
     canvases: int = 2,
     steps: int | None = None,
     seed: int = 0,
+    task_examples: int = TASK_EXAMPLES,
 ) -> Report:
     import dgrt
 
@@ -233,6 +236,14 @@ def validate(
         Check("end to end token agreement (shared noise)", agreement, bound["tokens"], True),
         Check("steps per canvas, dgrt / reference - 1", abs(ours_steps / ref_steps - 1), bound["steps"]),
     ]
+    task = Task.from_dir(export_dir)
+    if task is not None and task_examples:  # a model trained on dgrt's task: the numbers that mean something
+        scored = score(gen, task.examples(task_examples), seed=seed)
+        report.checks += [
+            Check(f"task exact-match accuracy ({scored.examples} held-out)", scored.accuracy, None, True),
+            Check("task steps per canvas (adaptive stopping)", scored.mean_steps_per_canvas, None),
+            Check("task tokens per forward", scored.tokens_per_forward, None, True),
+        ]
     report.details["baseline"] = {
         "what": f"dgrt's PyTorch modules in {manifest['dtype']} against the fp32 reference, same inputs",
         "kv_p99_error": baseline[0].p99,

@@ -13,12 +13,13 @@ def dgrt(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dgrt", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_demo_exports_and_generates() -> None:
-    r = dgrt("demo", "--preset", "tiny")
+def test_demo_answers_a_question_with_the_trained_model() -> None:
+    r = dgrt("demo")
     assert r.returncode == 0, r.stderr
-    assert "exported it to ONNX" in r.stdout and "TensorRT lint passed" in r.stdout
+    assert "exported dgrt's trained string-reversal checkpoint to ONNX" in r.stdout and "lint passed" in r.stdout
     assert "accuracy against transformers: passed" in r.stdout
-    assert "[canvas 1 done]" in r.stdout and "denoise steps of" in r.stdout and "tokens/s" in r.stdout
+    assert "[canvas 2 done]" in r.stdout and "denoise steps of" in r.stdout and "tokens/s" in r.stdout
+    assert "answer correct" in r.stdout and "task accuracy" in r.stdout
 
 
 def test_tiny_then_inspect(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ def test_eos_in_one_row_pads_it_and_stops_early(backend: str, tiny_ckpt: Path, e
     assert torch.equal(torch.tensor(ours.tokens), ref)
     assert ours.tokens[1][16:] == [0] * 32 and eos in ours.tokens[1][:16]
     assert ours.tokens_per_forward == pytest.approx(ref_tpf.tolist())
-    assert ours.steps_per_canvas[1] == [STEPS, 0, 0]
+    assert ours.steps_per_canvas[1] == [STEPS]  # the row finished in its first canvas
 
 
 def test_second_turn_continues_from_the_cache(backend: str, tiny_ckpt: Path, exports: dict[str, Path]) -> None:

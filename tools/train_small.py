@@ -2,6 +2,7 @@
 
     python tools/train_small.py -o dgrt/trained/reverse --force       # the shipped model (~40 min, 2 cores)
     python tools/train_small.py -o /tmp/smoke --steps 3 --eval 4      # a smoke run
+    python tools/train_small.py -o dgrt/trained/reverse --eval-only   # re-score a trained checkpoint
 
 The model is the project's own torch modules with every DiffusionGemma feature on (sliding and full
 layers, K=V full attention, proportional RoPE, MoE next to the dense MLP, self-conditioning, separate
@@ -36,7 +37,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import dgrt
 from dgrt.checkpoint import checkpoint_key
-from dgrt.config import FULL, SLIDING, ModelConfig
+from dgrt.config import ModelConfig
 from dgrt.fsutil import atomic_write_text
 from dgrt.model import DiffusionGemma
 from dgrt.runtime.tokenizer import Tokenizer
@@ -44,31 +45,16 @@ from dgrt.task import TASK_FILE, Example, Task, score
 from dgrt.tiny import (
     END_TURN_ID,
     PAD_ID,
-    model_config,
+    PRESETS,
+    preset_config,
     random_weights,
     save_checkpoint,
     tokenizer_config,
     tokenizer_json,
 )
 
-CANVAS = 16
-TEXT = dict(
-    vocab_size=128,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    layer_types=[SLIDING, FULL, SLIDING, FULL],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    global_head_dim=64,
-    num_global_key_value_heads=1,
-    sliding_window=16,
-    num_experts=4,
-    top_k_experts=2,
-    moe_intermediate_size=64,
-    max_position_embeddings=512,
-)
+PRESET = "reverse"  # the architecture, in dgrt.tiny.PRESETS
+CANVAS = PRESETS[PRESET]["canvas_length"]
 # The sampler defaults shipped in generation_config.json: the reference's, with room for 3 canvases.
 GENERATION = {"max_new_tokens": 3 * CANVAS}
 
@@ -83,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval", type=int, default=500, help="held-out questions scored at the end (default 500)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval-only", action="store_true", help="only score the checkpoint in --output (no training)")
     return p.parse_args()
 
 
@@ -148,13 +135,34 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
+def evaluate(checkpoint: Path, examples: int) -> None:
+    """Score a trained checkpoint on held-out questions with its default sampler; record it in its task file."""
+    task = Task.from_dir(checkpoint)
+    if task is None:
+        raise SystemExit(f"{checkpoint} has no {TASK_FILE}.")
+    with dgrt.load(checkpoint, backend="torch") as gen:
+        result = score(gen, task.examples(examples))
+    print(result.format(), flush=True)
+    task_file = json.loads((checkpoint / TASK_FILE).read_text())
+    task_file["held_out"] = {
+        "examples": result.examples,
+        "accuracy": result.accuracy,
+        "mean_steps_per_canvas": round(result.mean_steps_per_canvas, 3),
+        "tokens_per_forward": round(result.tokens_per_forward, 3),
+    }
+    atomic_write_text(checkpoint / TASK_FILE, json.dumps(task_file, indent=2) + "\n")
+
+
 def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eval_only:
+        evaluate(args.output, args.eval)
+        return 0
     torch.manual_seed(args.seed)
     task = Task()
-    config = model_config(TEXT, CANVAS)
+    config = preset_config(PRESET)
     cfg = ModelConfig.from_dict(config)
     model = DiffusionGemma(cfg)
     init = random_weights(cfg, args.seed, gain=1.0)
@@ -204,16 +212,7 @@ def main() -> int:
         force=True,
     )
     if args.eval:
-        with dgrt.load(args.output, backend="torch") as gen:
-            result = score(gen, task.examples(args.eval))
-        print(result.format(), flush=True)
-        task_file["held_out"] = {
-            "examples": result.examples,
-            "accuracy": result.accuracy,
-            "mean_steps_per_canvas": round(result.mean_steps_per_canvas, 3),
-            "tokens_per_forward": round(result.tokens_per_forward, 3),
-        }
-        atomic_write_text(args.output / TASK_FILE, json.dumps(task_file, indent=2) + "\n")
+        evaluate(args.output, args.eval)
     print(f"wrote {args.output}")
     return 0
 

@@ -69,7 +69,7 @@ class CanvasEvent:
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row: whole canvases, pad after EOS (as transformers returns)
     texts: list[str]  # decoded up to (not including) the first EOS, special tokens skipped
-    steps_per_canvas: list[list[int]]  # per row: denoise passes of each canvas while the row was unfinished
+    steps_per_canvas: list[list[int]]  # per row: denoise passes of each canvas the row denoised (unfinished)
     tokens_per_forward: list[float]  # per row: non-pad new tokens / those passes
     prefill_seconds: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
@@ -238,7 +238,8 @@ class Generator:
                     break
             passes += canvas_passes
             for i in range(b):
-                steps_per_canvas[i].append(int(canvas_passes[i]))
+                if not finished[i]:  # a row that finished earlier does not denoise this canvas
+                    steps_per_canvas[i].append(int(canvas_passes[i]))
             reached = (k + 1) * c >= max_new
             tokens, now_finished = finalize_canvas(argmax, finished, reached, eos_tensor, pad_id)
             emitted.append(tokens)
