@@ -14,14 +14,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[reference,dev]'
 	touch $@
 
+# TensorRT's type stubs, fixed for mypy, outside the venv: `import tensorrt` keeps failing honestly.
+TYPINGS := .typings/tensorrt/__init__.pyi
+$(TYPINGS): tools/tensorrt_stubs.py | $(STAMP)
+	$(BIN)/python tools/tensorrt_stubs.py .typings
+
 demo: $(STAMP)
 	$(BIN)/dgrt demo
 
-test: $(STAMP)
+test: $(STAMP) $(TYPINGS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy --config-file mypy-tensorrt.ini
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) $(TYPINGS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy --config-file mypy-tensorrt.ini

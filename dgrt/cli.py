@@ -73,6 +73,32 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(format_summary(quantization["recipe"], quantization["accuracy"]))
 
 
+def _cmd_build(args: argparse.Namespace) -> None:
+    import json
+
+    from dgrt.progress import Progress
+    from dgrt.tensorrt.build import ENGINE_FILE, build
+    from dgrt.tensorrt.plan import BuildOptions
+
+    options = BuildOptions(
+        target=args.target,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        opt_context=args.opt_context,
+        workspace_gb=args.workspace,
+        refit=args.refit,
+        strip_weights=args.strip_weights,
+        weight_streaming=args.weight_streaming,
+    )
+    out = build(args.export_dir, options, timing_cache=args.timing_cache, force=args.force, progress=Progress())
+    engine = json.loads((out / ENGINE_FILE).read_text())
+    sm = "".join(map(str, engine["compute_capability"]))
+    print(
+        f"engines in {out}: TensorRT {engine['tensorrt']}, {engine['gpu']} (sm_{sm}), {engine['precision']}, "
+        f"built in {engine['build_seconds']} s (reused if that was earlier)"
+    )
+
+
 def _cmd_lint(args: argparse.Namespace) -> int:
     from dgrt.exporter.lint import lint_export
 
@@ -263,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from an export directory or a checkpoint folder")
     p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
     p.add_argument("prompt", nargs="+", help="one or more prompts (several make a batch)")
-    p.add_argument("--backend", choices=["onnxruntime", "torch"], help="default: onnxruntime for exports")
+    p.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], help="default: onnxruntime for exports")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--steps", type=int, help="denoising steps per canvas (max_denoising_steps)")
@@ -333,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=32, help="prompts to calibrate on (default 32)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
+
+    from dgrt.tensorrt.targets import TARGETS
+
+    p = sub.add_parser("build", help="build TensorRT engines for an export (needs TensorRT and an NVIDIA GPU)")
+    p.add_argument("export_dir", type=Path)
+    p.add_argument("--target", default="auto", choices=["auto", *TARGETS], help="default: the GPU at hand")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-context", type=int, help="default: the export's max_context")
+    p.add_argument("--opt-context", type=int, help="cached length the kernels are tuned for (default min(1024, max))")
+    p.add_argument("--workspace", type=float, help="builder workspace limit in GB")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated (reused across builds)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--refit", action="store_true", help="refittable engines")
+    weights.add_argument("--strip-weights", action="store_true", help="weight-stripped plans, refilled at load")
+    p.add_argument("--weight-streaming", action="store_true", help="stream weights from host memory")
+    p.add_argument("--force", action="store_true", help="rebuild even if engines with this key exist")
+    p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("lint", help="check an export's graphs against TensorRT's ONNX parser support matrix")
     p.add_argument("export_dir", type=Path)

@@ -1,7 +1,8 @@
 """Backends run the two graphs; the generator (dgrt.runtime.generator) runs the loop around them.
 
-A backend is a runner with an explicit lifetime (use it as a context manager or call close()). Both take
-and return torch CPU tensors at the boundary; the KV cache is the generator's and is passed in as views.
+A backend is a runner with an explicit lifetime (use it as a context manager or call close()). Backends
+take host tensors for the small inputs and return the [batch, canvas] results on the host; the KV cache
+(the generator's, passed in as views) and the soft embeddings live on the backend's `device`.
 
 * TorchBackend: the dgrt.model modules, from a checkpoint folder or from an export's weights.
 * OnnxRuntimeBackend: the exported graphs on ONNX Runtime, with IO binding: inputs are bound in place
@@ -51,6 +52,7 @@ def astuple_shallow(inputs: DenoiseInputs) -> tuple[torch.Tensor, ...]:
 class Backend(Protocol):
     name: str
     dtype: torch.dtype  # of the KV cache and soft embeddings
+    device: torch.device  # where the KV cache and soft embeddings live
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]: ...
 
@@ -60,27 +62,58 @@ class Backend(Protocol):
 
 
 class TorchBackend:
+    """The dgrt.model modules on the model's device. On a CUDA device the denoise step is captured in a
+    CUDA graph per (batch, past lengths) — once per canvas — and replayed for the canvas's other steps:
+    a step is then one graph launch instead of hundreds of kernel launches from Python."""
+
     name = "torch"
 
-    def __init__(self, model: Any, threads: int | None = None):
+    def __init__(self, model: Any, threads: int | None = None, cuda_graphs: bool = True):
         from dgrt.model import Denoise
 
         if threads:
             torch.set_num_threads(threads)
         self.model = model
         self.dtype = model.embed_tokens.weight.dtype
+        self.device = model.embed_tokens.weight.device
         self._denoise = Denoise(model)
+        self._cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._captured: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]]
+        self._captured = {}
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
-        return self.model.prefill(ids, positions, past, pad)
+        d = self.device
+        return self.model.prefill(ids.to(d), positions.to(d), past, pad.to(d))
 
     @torch.inference_mode()
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
-        flat = [t for kv in past for t in kv]
-        return StepOutputs(*self._denoise(*astuple_shallow(inputs), *flat))
+        args = [t.to(self.device) for t in astuple_shallow(inputs)] + [t for kv in past for t in kv]
+        outputs = self._run_captured(args) if self._cuda_graphs else self._denoise(*args)
+        argmax, sample, entropy, soft = outputs
+        return StepOutputs(argmax.cpu(), sample.cpu(), entropy.cpu(), soft.clone() if self._cuda_graphs else soft)
+
+    def _run_captured(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        key = (args[0].shape[0], *(t.shape[2] for t in args[6:]), *(t.data_ptr() for t in args[6:]))
+        if key not in self._captured:
+            static = [t.clone() for t in args[:6]] + args[6:]  # the cache is read in place
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._denoise(*static)  # warm-up outside the capture (allocator, lazy initialisation)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self._denoise(*static)
+            self._captured = {key: (graph, static, outputs)}  # one canvas at a time
+        graph, static, outputs = self._captured[key]
+        for dst, src in zip(static[:6], args[:6], strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return outputs
 
     def close(self) -> None:
+        self._captured.clear()
         self.model = None
 
     def __enter__(self) -> TorchBackend:
@@ -111,6 +144,7 @@ def session_options(manifest: dict[str, Any], threads: int | None = None, prepac
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    device = torch.device("cpu")
 
     def __init__(
         self,

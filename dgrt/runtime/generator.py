@@ -205,7 +205,7 @@ class Generator:
         for k in range(n_canvases):
             positions = (cache.length + torch.arange(c))[None] - pad[:, None]
             canvas = torch.randint(0, info.vocab_size, (b, c), generator=gen)
-            soft = torch.zeros(b, c, info.hidden_size, dtype=self.backend.dtype)
+            soft = torch.zeros(b, c, info.hidden_size, dtype=self.backend.dtype, device=self.backend.device)
             argmax, entropy = canvas, torch.zeros(b, c)
             done = torch.zeros(b, dtype=torch.bool)
             stop = (
@@ -230,7 +230,7 @@ class Generator:
                         new_argmax = torch.where(done[:, None], argmax, new_argmax)
                         new_canvas = torch.where(done[:, None], canvas, new_canvas)
                         new_entropy = torch.where(done[:, None], entropy, new_entropy)
-                        new_soft = torch.where(done[:, None, None], soft, new_soft)
+                        new_soft = torch.where(done[:, None, None].to(soft.device), soft, new_soft)
                     done |= stop(new_argmax, new_entropy)
                 canvas, argmax, entropy, soft = new_canvas, new_argmax, new_entropy, new_soft
                 yield StepEvent(k, step, argmax, ~(done | finished))
@@ -268,7 +268,7 @@ class Generator:
     def session(self, max_context: int | None = None) -> Session:
         """A conversation (one row) whose turns continue from the KV cache of the previous ones."""
         capacity = min(max_context or self.info.max_context, self.info.max_context)
-        return Session(self, KVCache(self.info.layers, 1, capacity, capacity, self.backend.dtype))
+        return Session(self, KVCache(self.info.layers, 1, capacity, capacity, self.backend.dtype, self.backend.device))
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -278,7 +278,7 @@ class Generator:
         if cache is None or cache.batch != batch or cache.capacity < length:
             self._cache = None  # free the old buffers first
             max_new = max(length, self.info.canvas_length)
-            cache = KVCache(self.info.layers, batch, length, max_new, self.backend.dtype)
+            cache = KVCache(self.info.layers, batch, length, max_new, self.backend.dtype, self.backend.device)
             self._cache = cache
         cache.reset()
         return cache

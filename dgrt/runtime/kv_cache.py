@@ -24,8 +24,17 @@ class LayerShape:
 
 
 class KVCache:
-    def __init__(self, layers: list[LayerShape], batch: int, capacity: int, max_new: int, dtype: torch.dtype):
-        """capacity: most tokens a full layer will hold; max_new: most tokens one append brings."""
+    def __init__(
+        self,
+        layers: list[LayerShape],
+        batch: int,
+        capacity: int,
+        max_new: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        """capacity: most tokens a full layer will hold; max_new: most tokens one append brings; device:
+        where the backend reads the cache (a GPU backend binds it in place)."""
         self.layers, self.batch, self.capacity = layers, batch, capacity
         self.length = 0  # tokens in the history (what a full layer holds)
         self._kept = [0] * len(layers)  # tokens each layer holds
@@ -33,7 +42,9 @@ class KVCache:
         for shape in layers:
             cap = capacity if shape.window is None else min(capacity, shape.window - 1 + max_new)
             numel = batch * shape.num_kv_heads * cap * shape.head_dim
-            self._buffers.append((torch.zeros(numel, dtype=dtype), torch.zeros(numel, dtype=dtype)))
+            self._buffers.append(
+                (torch.zeros(numel, dtype=dtype, device=device), torch.zeros(numel, dtype=dtype, device=device))
+            )
 
     @property
     def nbytes(self) -> int:

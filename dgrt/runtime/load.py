@@ -16,27 +16,41 @@ from dgrt.runtime.kv_cache import LayerShape
 from dgrt.runtime.sampler import SamplerConfig
 from dgrt.runtime.tokenizer import Tokenizer
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load(
-    path: str | PathLike[str], backend: str | None = None, threads: int | None = None, prepack: bool = False
+    path: str | PathLike[str],
+    backend: str | None = None,
+    threads: int | None = None,
+    prepack: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Generator:
     """Load a model for generation.
 
-    path: an export directory (manifest.json; default backend onnxruntime, or torch from its weights) or a
-    checkpoint folder in Hugging Face layout (config.json; torch only). threads: CPU threads for the backend.
-    prepack (onnxruntime): pre-pack the denoise graph's weights, a private copy traded for speed.
+    path: an export directory (manifest.json; default backend onnxruntime; torch from its weights;
+    tensorrt from engines built by `dgrt build`) or a checkpoint folder in Hugging Face layout (config.json;
+    torch only). threads: CPU threads for the backend. prepack (onnxruntime): pre-pack the denoise graph's
+    weights, a private copy traded for speed. device, dtype (torch): e.g. "cuda" and "bf16" for the GPU
+    path (the denoise step then runs as a captured CUDA graph).
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise DgrtError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise DgrtError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}.")
+    if (device or dtype) and backend not in (None, "torch"):
+        raise DgrtError(f"device and dtype choose where the torch backend runs; the {backend} backend has its own.")
+    torch_options = {"device": device or "cpu", "dtype": TORCH_DTYPES[dtype] if dtype else None}
     if (path / "manifest.json").exists():
-        return _load_export(path, backend or "onnxruntime", threads, prepack)
+        default = "torch" if device or dtype else "onnxruntime"
+        return _load_export(path, backend or default, threads, prepack, torch_options)
     if (path / "config.json").exists():
         if backend not in (None, "torch"):
             raise DgrtError(f"{path} is a checkpoint; the {backend} backend runs exports (make one with dgrt export).")
-        return _load_checkpoint(path, threads)
+        return _load_checkpoint(path, threads, torch_options)
     raise DgrtError(f"{path}: neither an export directory (manifest.json) nor a checkpoint folder (config.json).")
 
 
@@ -77,14 +91,23 @@ def _generator(backend: Backend, path: Path, cfg: ModelConfig, max_context: int)
     )
 
 
-def _load_checkpoint(path: Path, threads: int | None) -> Generator:
+def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> TorchBackend:
+    if options["device"] != "cpu" and options["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise DgrtError(f"device {options['device']!r} asked for, but torch sees no CUDA GPU.")
+    return TorchBackend(model.to(device=options["device"], dtype=options["dtype"]), threads)
+
+
+def _load_checkpoint(path: Path, threads: int | None, torch_options: dict[str, Any]) -> Generator:
     from dgrt.checkpoint import Checkpoint, load_model
 
     ckpt = Checkpoint.open(path)
-    return _generator(TorchBackend(load_model(ckpt), threads), path, ckpt.config, ckpt.config.max_position_embeddings)
+    backend = _torch_backend(load_model(ckpt), threads, torch_options)
+    return _generator(backend, path, ckpt.config, ckpt.config.max_position_embeddings)
 
 
-def _load_export(path: Path, backend: str, threads: int | None, prepack: bool) -> Generator:
+def _load_export(
+    path: Path, backend: str, threads: int | None, prepack: bool, torch_options: dict[str, Any]
+) -> Generator:
     from dgrt.exporter import manifest as manifest_mod
 
     manifest = manifest_mod.load(path)
@@ -100,8 +123,12 @@ def _load_export(path: Path, backend: str, threads: int | None, prepack: bool) -
     runner: Backend
     if backend == "onnxruntime":
         runner = OnnxRuntimeBackend(path, manifest, threads, prepack=prepack)
+    elif backend == "tensorrt":
+        from dgrt.tensorrt.backend import TensorRTBackend
+
+        runner = TensorRTBackend(path, manifest)
     else:
-        runner = TorchBackend(_model_from_export(path, manifest, cfg), threads)
+        runner = _torch_backend(_model_from_export(path, manifest, cfg), threads, torch_options)
     return _generator(runner, path, cfg, manifest["max_context"])
 
 

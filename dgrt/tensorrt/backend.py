@@ -1,0 +1,191 @@
+"""The TensorRT backend: `dgrt.load(export_dir, backend="tensorrt")`.
+
+Device memory comes from torch (already a dependency, and the CUDA build of torch that a GPU machine has
+brings the CUDA runtime): every input and output buffer is a torch CUDA tensor allocated once at the
+engine's largest shapes, and each call binds views of them by name (`set_input_shape`,
+`set_tensor_address`) and runs `execute_async_v3` on one stream. The KV cache lives on the GPU (the
+runtime's KVCache is allocated on the backend's device) and is bound in place; prefill writes its new K/V
+into the output buffers and the cache appends them with one device copy per canvas. The self-conditioning
+embeddings never leave the GPU. The denoise step is captured in a CUDA graph per (batch, past lengths),
+i.e. once per canvas, and replayed for its other steps (the manifest marks the denoise graph as
+capturable: no data-dependent shapes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dgrt.errors import DgrtError
+from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs
+from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
+from dgrt.tensorrt.plan import BuildOptions, max_shapes
+
+if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
+    import tensorrt as trt
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+def find_engines(export_dir: Path, manifest: dict[str, Any], trt_version: str, gpu: str) -> Path:
+    """The engine directory built for this export, TensorRT version and GPU; one clear error otherwise."""
+    found = []
+    for file in sorted((export_dir / "engines").glob(f"*/{ENGINE_FILE}")):
+        engine = json.loads(file.read_text())
+        if engine["onnx"] != {g: manifest["graphs"][g]["sha256"] for g in GRAPHS} | {
+            "weights": manifest["weights"]["sha256"]
+        }:
+            continue  # built from another export
+        if engine["tensorrt"] == trt_version and engine["gpu"] == gpu:
+            return file.parent
+        found.append(f"{file.parent.name} (TensorRT {engine['tensorrt']}, {engine['gpu']})")
+    if found:
+        raise DgrtError(
+            f"{export_dir} has engines for {', '.join(found)}, none for TensorRT {trt_version} on {gpu}; "
+            f"rebuild with: dgrt build {export_dir}"
+        )
+    raise DgrtError(f"{export_dir} has no TensorRT engines; build them with: dgrt build {export_dir}")
+
+
+def _shape(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(dims[i] for i in range(len(dims)))
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, export_dir: Path, manifest: dict[str, Any], engine_dir: Path | None = None):
+        version = require_tensorrt()
+        import tensorrt as trt
+
+        gpu, _ = require_gpu()
+        engine_dir = engine_dir or find_engines(export_dir, manifest, version, gpu)
+        engine_info = json.loads((engine_dir / ENGINE_FILE).read_text())
+        if engine_info["tensorrt"] != version or engine_info["gpu"] != gpu:
+            raise DgrtError(
+                f"{engine_dir} was built with TensorRT {engine_info['tensorrt']} for {engine_info['gpu']}; this "
+                f"machine has TensorRT {version} and {gpu}. Rebuild with: dgrt build {export_dir}"
+            )
+        self.device = torch.device("cuda")
+        self.dtype = TORCH_DTYPES[{"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[manifest["dtype"]]]
+        self.specs = manifest["graphs"]
+        self.stream = torch.cuda.Stream()
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        self.engines: dict[str, trt.ICudaEngine] = {}
+        self.contexts: dict[str, trt.IExecutionContext] = {}
+        options = BuildOptions(**engine_info["options"])
+        for graph in GRAPHS:
+            engine = runtime.deserialize_cuda_engine((engine_dir / f"{graph}.plan").read_bytes())
+            if engine is None:
+                raise DgrtError(f"TensorRT could not load {engine_dir / graph}.plan (its log above says why).")
+            if options.strip_weights:  # refill the weight-stripped plan from the ONNX weights
+                refitter = trt.Refitter(engine, logger)
+                if (
+                    not trt.OnnxParserRefitter(refitter, logger).refit_from_file(
+                        str(export_dir / self.specs[graph]["file"])
+                    )
+                    or not refitter.refit_cuda_engine()
+                ):
+                    raise DgrtError(f"TensorRT could not refit the {graph} engine from {export_dir}.")
+            if options.weight_streaming:
+                engine.weight_streaming_budget_v2 = engine.get_weight_streaming_automatic_budget()
+            self.engines[graph] = engine
+            self.contexts[graph] = engine.create_execution_context()
+        self.max_shapes = {g: max_shapes(manifest, g, options) for g in GRAPHS}
+        self.buffers = {
+            g: {
+                t["name"]: torch.empty(
+                    int(torch.Size(self.max_shapes[g][t["name"]]).numel()),
+                    dtype=TORCH_DTYPES[t["dtype"]],
+                    device="cuda",
+                )
+                for t in self.specs[g]["inputs"] + self.specs[g]["outputs"]
+                if "layer" not in t or t["name"].startswith("new_")  # pasts are bound to the cache in place
+            }
+            for g in GRAPHS
+        }
+        self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
+
+    def _view(self, graph: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.buffers[graph][name][: int(torch.Size(shape).numel())].view(shape)
+
+    def _bind(self, graph: str, values: dict[str, torch.Tensor], past: list[KV]) -> None:
+        """Copy host inputs into their device buffers, bind every input (pasts in place) and output."""
+        context = self.contexts[graph]
+        for spec in self.specs[graph]["inputs"]:
+            name = spec["name"]
+            if "layer" in spec:
+                k, v = past[spec["layer"]]
+                tensor = (k if name.endswith(".key") else v).contiguous()
+            else:
+                value = values[name]
+                tensor = self._view(graph, name, tuple(value.shape))
+                if tensor.data_ptr() != value.data_ptr():
+                    tensor.copy_(value, non_blocking=True)
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        for spec in self.specs[graph]["outputs"]:
+            shape = _shape(context.get_tensor_shape(spec["name"]))
+            context.set_tensor_address(spec["name"], self._view(graph, spec["name"], shape).data_ptr())
+
+    def _outputs(self, graph: str) -> list[torch.Tensor]:
+        context = self.contexts[graph]
+        return [
+            self._view(graph, s["name"], _shape(context.get_tensor_shape(s["name"])))
+            for s in self.specs[graph]["outputs"]
+        ]
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
+        with torch.cuda.stream(self.stream):
+            self._bind("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
+            if not self.contexts["prefill"].execute_async_v3(self.stream.cuda_stream):
+                raise DgrtError("TensorRT failed to run the prefill engine.")
+        self.stream.synchronize()
+        out = self._outputs("prefill")
+        return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
+
+    def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
+        values = {
+            "canvas_ids": inputs.canvas_ids,
+            "soft_embeds": inputs.soft_embeds,
+            "position_ids": inputs.position_ids,
+            "pad_lengths": inputs.pad_lengths,
+            "temperature": inputs.temperature,
+            "uniform": inputs.uniform,
+        }
+        key = (inputs.canvas_ids.shape[0], *(k.shape[2] for k, _ in past), *(k.data_ptr() for k, _ in past))
+        with torch.cuda.stream(self.stream):
+            self._bind("denoise", values, past)
+            graph = self._graphs.get(key)
+            if graph is None:
+                # The first step with these shapes runs directly (TensorRT sets itself up for them), and is
+                # captured; later steps of the canvas replay the capture.
+                if not self.contexts["denoise"].execute_async_v3(self.stream.cuda_stream):
+                    raise DgrtError("TensorRT failed to run the denoise engine.")
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.contexts["denoise"].execute_async_v3(self.stream.cuda_stream)
+                self._graphs = {key: graph}  # one canvas at a time: drop captures of earlier shapes
+            else:
+                graph.replay()
+        self.stream.synchronize()
+        argmax, sample, entropy, soft = self._outputs("denoise")[:4]
+        # Small [B, C] results go to the host for the sampler; the soft embeddings stay on the GPU (they are
+        # the next step's input: a copy out of this buffer happens before the next step overwrites it).
+        return StepOutputs(argmax.cpu(), sample.cpu(), entropy.float().cpu(), soft.clone())
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.contexts.clear()
+        self.engines.clear()
+        self.buffers.clear()
+
+    def __enter__(self) -> TensorRTBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

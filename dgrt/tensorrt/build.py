@@ -1,0 +1,151 @@
+"""`dgrt build`: TensorRT engines for an export's two graphs, cached under OUT/engines/<key>/.
+
+Networks are strongly typed: the precision is the ONNX's (its dtype and Q/DQ), so the same code builds on
+TensorRT 10.x and 11.x (11 removed the precision builder flags). One optimization profile per graph from
+the manifest's dims (dgrt.tensorrt.plan); the timing cache is read and written back when given. An
+engine directory whose key exists is reused unless forced: the key covers the TensorRT version, GPU,
+precision, profiles, flags and the ONNX digest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dgrt.errors import DgrtError
+from dgrt.exporter import manifest as manifest_mod
+from dgrt.fsutil import atomic_dir, atomic_write_bytes
+from dgrt.progress import Progress
+from dgrt.tensorrt.plan import (
+    BuildOptions,
+    builder_flags,
+    check_version,
+    engine_key,
+    network_flags,
+    precision,
+    profiles,
+)
+from dgrt.tensorrt.targets import check_precision, resolve
+
+if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
+    import tensorrt as trt
+
+ENGINE_FILE = "engine.json"
+GRAPHS = ("prefill", "denoise")
+
+
+def require_tensorrt() -> str:
+    """The TensorRT version, or one sentence on what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise DgrtError(
+            "TensorRT is not installed; on a machine with an NVIDIA GPU: pip install 'dgrt[tensorrt]'."
+        ) from None
+    if not hasattr(trt, "Builder"):  # e.g. only type stubs installed
+        raise DgrtError(f"the 'tensorrt' package at {trt.__path__} is not TensorRT (no Builder); install TensorRT.")
+    return str(trt.__version__)
+
+
+def require_gpu() -> tuple[str, tuple[int, int]]:
+    """(GPU name, compute capability) of the current CUDA device, or one sentence on what is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DgrtError("no CUDA GPU is visible to torch (torch.cuda.is_available() is False); TensorRT needs one.")
+    return torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+
+
+def build(
+    export_dir: str | Path,
+    options: BuildOptions | None = None,
+    timing_cache: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Build (or reuse) the engines of an export; returns their directory."""
+    export_dir, progress = Path(export_dir), progress or Progress()
+    manifest = manifest_mod.load(export_dir)
+    if "tensorrt" not in manifest.get("targets", []):
+        raise DgrtError(f"{export_dir} is not meant for TensorRT (manifest targets: {manifest.get('targets')}).")
+    options = (options or BuildOptions()).checked(manifest["max_context"], manifest["canvas_length"])
+    version = require_tensorrt()
+    import tensorrt as trt
+
+    gpu, cc = require_gpu()
+    target = resolve(options.target, gpu, cc)
+    check_precision(target, precision(manifest))
+    major = check_version(version, manifest)
+    key = engine_key(manifest, options, version, gpu, cc)
+    out = export_dir / "engines" / key
+    if (out / ENGINE_FILE).exists() and not force:
+        return out
+
+    t0 = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.exists() else b""
+    with atomic_dir(out, force=True) as tmp:
+        for graph in GRAPHS:
+            progress.update(f"building the {graph} engine (TensorRT {version}, {gpu})")
+            plan, cache_bytes = _build_graph(builder, logger, export_dir, manifest, graph, options, major, cache_bytes)
+            (tmp / f"{graph}.plan").write_bytes(plan)
+        description = {
+            "key": key,
+            "tensorrt": version,
+            "gpu": gpu,
+            "compute_capability": list(cc),
+            "target": target.name,
+            "precision": precision(manifest),
+            "network_flags": network_flags(major),
+            "builder_flags": builder_flags(major, options),
+            "options": options.__dict__,
+            "profiles": {g: profiles(manifest, g, options) for g in GRAPHS},
+            "onnx": {g: manifest["graphs"][g]["sha256"] for g in GRAPHS} | {"weights": manifest["weights"]["sha256"]},
+            "build_seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / ENGINE_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, cache_bytes)
+    progress.close()
+    return out
+
+
+def _build_graph(
+    builder: trt.Builder,
+    logger: trt.ILogger,
+    export_dir: Path,
+    manifest: dict[str, Any],
+    graph: str,
+    options: BuildOptions,
+    major: int,
+    cache_bytes: bytes,
+) -> tuple[bytes, bytes]:
+    """(serialized engine, updated timing cache) for one graph."""
+    import tensorrt as trt
+
+    flags = 0
+    for name in network_flags(major):
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    onnx_file = export_dir / manifest["graphs"][graph]["file"]
+    if not parser.parse_from_file(str(onnx_file)):  # reads weights.bin next to it (external data)
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise DgrtError(f"TensorRT's ONNX parser refused {onnx_file}: {errors}")
+    config = builder.create_builder_config()
+    if options.workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
+    for name in builder_flags(major, options):
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles(manifest, graph, options).items():
+        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DgrtError(f"TensorRT could not build the {graph} engine (its log above says why).")
+    return bytes(plan), bytes(config.get_timing_cache().serialize())

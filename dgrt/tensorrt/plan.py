@@ -1,0 +1,141 @@
+"""Everything about a TensorRT build that needs no TensorRT and no GPU: optimization profiles from the
+manifest's dims, builder and network flags per TensorRT major version, the engine cache key, and the
+device buffers the backend allocates. Pure functions, unit-tested on any machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dgrt.errors import DgrtError
+
+# First TensorRT version whose ONNX parser takes each precision's Q/DQ (research/onnx_trt.md §2.3).
+MIN_VERSION = {"fp32": (10, 0), "fp16": (10, 0), "bf16": (10, 0), "int4": (10, 0), "fp8": (10, 6)}
+MIN_VERSION["int4-experts"] = MIN_VERSION["fp8"]
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str = "auto"
+    max_batch: int = 1
+    max_context: int | None = None  # default: the export's max_context
+    opt_context: int | None = None  # the cached length kernels are tuned for; default min(1024, max)
+    workspace_gb: float | None = None
+    refit: bool = False  # refittable engine (weights can be swapped without a rebuild)
+    strip_weights: bool = False  # weight-stripped plan, refilled from the ONNX weights at load
+    weight_streaming: bool = False  # keep weights in host memory and stream them (large models, small GPUs)
+
+    def checked(self, export_max_context: int, canvas: int) -> BuildOptions:
+        if self.max_batch < 1:
+            raise DgrtError(f"--max-batch is {self.max_batch}; expected at least 1.")
+        max_context = self.max_context or export_max_context
+        if not canvas < max_context <= export_max_context:
+            raise DgrtError(
+                f"--max-context {max_context} must exceed the canvas ({canvas}) and be at most the export's "
+                f"max_context ({export_max_context})."
+            )
+        opt = self.opt_context if self.opt_context is not None else min(1024, max_context - canvas)
+        if not 0 <= opt <= max_context - canvas:
+            raise DgrtError(f"--opt-context {opt} must be between 0 and {max_context - canvas} (max context - canvas).")
+        if self.strip_weights and self.weight_streaming:
+            raise DgrtError("--strip-weights and --weight-streaming cannot be combined; choose one.")
+        return BuildOptions(**(asdict(self) | {"max_context": max_context, "opt_context": opt}))
+
+
+def precision(manifest: dict[str, Any]) -> str:
+    """The precision an export's engines run in: its quantization recipe, else its dtype."""
+    return str((manifest.get("quantization") or {}).get("recipe") or manifest["dtype"])
+
+
+def check_version(trt_version: str, manifest: dict[str, Any]) -> int:
+    """The TensorRT major version, after checking it can parse this export."""
+    major, minor = (int(x) for x in trt_version.split(".")[:2])
+    need = MIN_VERSION[precision(manifest)]
+    if (major, minor) < need:
+        raise DgrtError(
+            f"TensorRT {trt_version} cannot build {precision(manifest)} engines; "
+            f"{need[0]}.{need[1]} or newer is needed."
+        )
+    return major
+
+
+def network_flags(major: int) -> list[str]:
+    """NetworkDefinitionCreationFlag names: strongly typed (precision from the ONNX). TensorRT 11 networks
+    are always strongly typed and the flag is gone from its list of meaningful ones."""
+    return ["STRONGLY_TYPED"] if major == 10 else []
+
+
+def builder_flags(major: int, options: BuildOptions) -> list[str]:
+    """BuilderFlag names. No precision flags on any version: the network is strongly typed (TensorRT 11
+    removed FP16/BF16/INT8/FP8/INT4 flags, and 10.x ignores them for strongly typed networks)."""
+    flags = []
+    if options.refit:
+        flags.append("REFIT")
+    if options.strip_weights:
+        flags += ["STRIP_PLAN", "REFIT_IDENTICAL"]
+    if options.weight_streaming:
+        flags.append("WEIGHT_STREAMING")
+    return flags
+
+
+def dim_ranges(manifest: dict[str, Any], graph: str, options: BuildOptions) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each symbolic dimension of a graph, from the build options.
+
+    Prefill takes up to max_context new tokens (opt: one canvas, the length it runs most); a past may be
+    empty. The denoise graph's past leaves room for its canvas. Sliding layers' pasts never exceed
+    sliding_window - 1 tokens (the runtime keeps no more).
+    """
+    assert options.max_context is not None and options.opt_context is not None  # see BuildOptions.checked
+    canvas, window = manifest["canvas_length"], manifest["sliding_window"]
+    past_max = options.max_context - (canvas if graph == "denoise" else 1)
+    opt = min(options.opt_context, past_max)
+    return {
+        "batch": (1, 1, options.max_batch),
+        "seq": (1, min(canvas, options.max_context), options.max_context),
+        "past_full": (0, opt, past_max),
+        "past_sliding": (0, min(opt, window - 1, past_max), min(window - 1, past_max)),
+    }
+
+
+def profiles(manifest: dict[str, Any], graph: str, options: BuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Input name -> (min, opt, max) shapes for the graph's optimization profile (inputs with symbolic
+    dimensions only)."""
+    ranges = dim_ranges(manifest, graph, options)
+    out = {}
+    for spec in manifest["graphs"][graph]["inputs"]:
+        if all(isinstance(d, int) for d in spec["shape"]):
+            continue
+        shapes = [tuple(d if isinstance(d, int) else ranges[d][k] for d in spec["shape"]) for k in range(3)]
+        out[spec["name"]] = (shapes[0], shapes[1], shapes[2])
+    return out
+
+
+def max_shapes(manifest: dict[str, Any], graph: str, options: BuildOptions) -> dict[str, Shape]:
+    """Every input and output of a graph at its largest: what the backend allocates once."""
+    ranges = dim_ranges(manifest, graph, options)
+    spec = manifest["graphs"][graph]
+    return {
+        t["name"]: tuple(d if isinstance(d, int) else ranges[d][2] for d in t["shape"])
+        for t in spec["inputs"] + spec["outputs"]
+    }
+
+
+def engine_key(
+    manifest: dict[str, Any], options: BuildOptions, trt_version: str, gpu: str, compute_capability: tuple[int, int]
+) -> str:
+    """The engine cache key: TensorRT version, GPU, precision, profiles, flags and the ONNX digest. Any
+    change gives another key, so a stale engine is never reused."""
+    identity = {
+        "tensorrt": trt_version,
+        "gpu": gpu,
+        "compute_capability": list(compute_capability),
+        "precision": precision(manifest),
+        "options": asdict(options),
+        "profiles": {g: profiles(manifest, g, options) for g in manifest["graphs"]},
+        "onnx": {g: v["sha256"] for g, v in manifest["graphs"].items()} | {"weights": manifest["weights"]["sha256"]},
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"sm{compute_capability[0]}{compute_capability[1]}-{precision(manifest)}-{digest}"

@@ -1,0 +1,189 @@
+"""The TensorRT path: its pure logic on any machine; building and running engines where TensorRT and a GPU
+are (skipped otherwise, saying which is missing); the torch backend's GPU path where CUDA is."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import dgrt
+from dgrt.errors import DgrtError
+from dgrt.tensorrt.plan import (
+    BuildOptions,
+    builder_flags,
+    check_version,
+    dim_ranges,
+    engine_key,
+    max_shapes,
+    network_flags,
+    profiles,
+)
+from dgrt.tensorrt.targets import TARGETS, check_precision, resolve
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and HAS_CUDA
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+needs_tensorrt = pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU")
+# TensorRT 11.1's BuilderFlag members (NvInfer.h, research/onnx_trt.md §6): no precision flags any more.
+TRT11_BUILDER_FLAGS = {
+    "DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS", "VERSION_COMPATIBLE",
+    "EXCLUDE_LEAN_RUNTIME", "ERROR_ON_TIMING_CACHE_MISS", "DISABLE_COMPILATION_CACHE", "STRIP_PLAN",
+    "REFIT_IDENTICAL", "WEIGHT_STREAMING", "REFIT_INDIVIDUAL", "STRICT_NANS", "MONITOR_MEMORY",
+    "EDITABLE_TIMING_CACHE", "DISTRIBUTIVE_INDEPENDENCE",
+}  # fmt: skip
+
+
+def manifest_of(export_dir: Path) -> dict:
+    return json.loads((export_dir / "manifest.json").read_text())
+
+
+# -- targets -----------------------------------------------------------------------------------------------
+
+
+def test_targets_know_what_each_device_runs() -> None:
+    for name in ("h100", "h200", "thor", "l40s", "b200"):
+        check_precision(TARGETS[name], "fp8")
+    for name in TARGETS:
+        check_precision(TARGETS[name], "int4")
+    with pytest.raises(DgrtError, match="Jetson AGX Orin .*cannot run fp8 engines.*--quant int4"):
+        check_precision(TARGETS["orin"], "fp8")
+    with pytest.raises(DgrtError, match="cannot run int4-experts"):
+        check_precision(TARGETS["a100"], "int4-experts")  # its other GEMMs are FP8
+
+
+def test_target_resolution_against_the_gpu_at_hand() -> None:
+    assert resolve("auto", "NVIDIA H200", (9, 0)).name == "h200"
+    assert resolve("auto", "NVIDIA H100 80GB HBM3", (9, 0)).name == "h100"
+    assert resolve("auto", "Some New GPU", (12, 0)).name == "sm_120"
+    assert resolve("orin", None, None).name == "orin"  # naming a target checks recipes without a GPU
+    with pytest.raises(DgrtError, match="--target h100 is compute capability sm_90, but this GPU .*A100.* is sm_80"):
+        resolve("h100", "NVIDIA A100", (8, 0))
+    with pytest.raises(DgrtError, match="needs a CUDA GPU"):
+        resolve("auto", None, None)
+    with pytest.raises(DgrtError, match="unknown target 'v100'"):
+        resolve("v100", None, None)
+
+
+# -- build plan --------------------------------------------------------------------------------------------
+
+
+def test_profiles_come_from_the_manifest_dims(exports: dict[str, Path]) -> None:
+    manifest = manifest_of(exports["tiny"])  # canvas 16, window 8, max_context 4096
+    options = BuildOptions(max_batch=4, max_context=512).checked(manifest["max_context"], 16)
+    assert options.opt_context == 496  # min(1024, 512 - canvas)
+    assert dim_ranges(manifest, "prefill", options) == {
+        "batch": (1, 1, 4),
+        "seq": (1, 16, 512),
+        "past_full": (0, 496, 511),
+        "past_sliding": (0, 7, 7),  # the runtime keeps window - 1 tokens
+    }
+    prefill = profiles(manifest, "prefill", options)
+    assert prefill["input_ids"] == ((1, 1), (1, 16), (4, 512))
+    assert prefill["past_key_values.1.key"][2] == (4, 1, 511, 32)  # a full layer: 1 KV head of 32
+    denoise = profiles(manifest, "denoise", options)
+    assert denoise["canvas_ids"] == ((1, 16), (1, 16), (4, 16))  # the canvas is static
+    assert denoise["past_key_values.1.key"][2] == (4, 1, 496, 32)  # room left for the canvas
+    assert "temperature" in denoise and all(len(v) == 3 for v in denoise.values())
+    assert max_shapes(manifest, "denoise", options)["next_soft_embeds"] == (4, 16, 64)
+
+
+def test_build_options_are_checked() -> None:
+    with pytest.raises(DgrtError, match="--max-batch is 0"):
+        BuildOptions(max_batch=0).checked(4096, 16)
+    with pytest.raises(DgrtError, match="--max-context 8 must exceed the canvas"):
+        BuildOptions(max_context=8).checked(4096, 16)
+    with pytest.raises(DgrtError, match="--opt-context 5000"):
+        BuildOptions(opt_context=5000).checked(4096, 16)
+    with pytest.raises(DgrtError, match="cannot be combined"):
+        BuildOptions(strip_weights=True, weight_streaming=True).checked(4096, 16)
+
+
+def test_flags_per_tensorrt_major() -> None:
+    assert network_flags(10) == ["STRONGLY_TYPED"] and network_flags(11) == []
+    everything = BuildOptions(refit=True, weight_streaming=True)
+    assert builder_flags(10, everything) == ["REFIT", "WEIGHT_STREAMING"]
+    assert set(builder_flags(11, BuildOptions(strip_weights=True))) == {"STRIP_PLAN", "REFIT_IDENTICAL"}
+    assert builder_flags(11, BuildOptions()) == []  # precision comes from the ONNX: no FP16/FP8/INT4 flags
+    for options in (everything, BuildOptions(strip_weights=True)):
+        assert set(builder_flags(11, options)) <= TRT11_BUILDER_FLAGS
+
+
+def test_tensorrt_versions_are_checked_per_precision(exports: dict[str, Path]) -> None:
+    manifest = manifest_of(exports["tiny"])
+    assert check_version("10.0.1.6", manifest) == 10 and check_version("11.4.0.106", manifest) == 11
+    fp8 = manifest | {"quantization": {"recipe": "fp8"}}
+    with pytest.raises(DgrtError, match="TensorRT 10.5.0 cannot build fp8 engines; 10.6 or newer"):
+        check_version("10.5.0", fp8)
+
+
+def test_engine_key_changes_with_anything_that_changes_the_engine(exports: dict[str, Path]) -> None:
+    manifest = manifest_of(exports["tiny"])
+    options = BuildOptions().checked(manifest["max_context"], 16)
+    key = engine_key(manifest, options, "10.13.0", "NVIDIA H100", (9, 0))
+    assert key.startswith("sm90-fp32-") and key == engine_key(manifest, options, "10.13.0", "NVIDIA H100", (9, 0))
+    other_weights = manifest | {"weights": manifest["weights"] | {"sha256": "sha256:0"}}
+    assert len({
+        key,
+        engine_key(manifest, options, "11.4.0", "NVIDIA H100", (9, 0)),
+        engine_key(manifest, options, "10.13.0", "NVIDIA H200", (9, 0)),
+        engine_key(manifest, replace(options, max_batch=2), "10.13.0", "NVIDIA H100", (9, 0)),
+        engine_key(other_weights, options, "10.13.0", "NVIDIA H100", (9, 0)),
+    }) == 5  # fmt: skip
+
+
+# -- without TensorRT or a GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_without_tensorrt_build_and_backend_say_what_is_missing(
+    exports: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dgrt.cli import main
+
+    assert main(["build", str(exports["tiny"])]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line
+    with pytest.raises(DgrtError, match="TensorRT is not installed|no CUDA GPU"):
+        dgrt.load(exports["tiny"], backend="tensorrt")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA GPU is present")
+def test_torch_on_cuda_without_a_gpu_is_one_clear_error(tiny_ckpt: Path) -> None:
+    with pytest.raises(DgrtError, match="torch sees no CUDA GPU"):
+        dgrt.load(tiny_ckpt, backend="torch", device="cuda")
+
+
+# -- on a GPU --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_gpu_path_answers_like_the_cpu() -> None:
+    from dgrt.task import Task, shipped_checkpoint
+
+    questions = [e.question for e in Task().examples(8, seed=5)]
+    cpu = dgrt.load(shipped_checkpoint(), backend="torch").generate(questions, seed=0)
+    gpu = dgrt.load(shipped_checkpoint(), backend="torch", device="cuda").generate(questions, seed=0)
+    assert gpu.texts == cpu.texts  # fp32 on both; the denoise step replays a captured CUDA graph
+    bf16 = dgrt.load(shipped_checkpoint(), backend="torch", device="cuda", dtype="bf16").generate(questions, seed=0)
+    assert sum(a == b for a, b in zip(bf16.texts, cpu.texts, strict=True)) >= 7
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_tensorrt_engines_answer_like_onnxruntime(tmp_path: Path) -> None:
+    from dgrt.exporter.onnx_export import export
+    from dgrt.task import Task, shipped_checkpoint
+    from dgrt.tensorrt.build import build
+
+    export(shipped_checkpoint(), tmp_path / "onnx")
+    engines = build(tmp_path / "onnx")
+    assert build(tmp_path / "onnx") == engines  # reused, not rebuilt
+    questions = [e.question for e in Task().examples(8, seed=5)]
+    ort = dgrt.load(tmp_path / "onnx").generate(questions, seed=0)
+    trt = dgrt.load(tmp_path / "onnx", backend="tensorrt").generate(questions, seed=0)
+    assert sum(a == b for a, b in zip(trt.texts, ort.texts, strict=True)) >= 7
