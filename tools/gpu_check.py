@@ -6,7 +6,8 @@ Installs nothing and needs no network. Uses whatever the machine has of torch (C
 TensorRT, and says which it skipped and why. Steps:
 
 1. `pytest -m gpu` (the GPU-marked tests; they skip themselves without TensorRT);
-2. exports dgrt's trained model and the `bench` preset (fp32; an fp8 export for TensorRT where it builds);
+2. exports dgrt's trained model and the `small` and `bench` presets (fp32) and builds TensorRT engines for
+   them where TensorRT is;
 3. for each backend at hand (torch CUDA fp32 and bf16 with CUDA graphs, ONNX Runtime CUDA, TensorRT),
    against the CPU reference (dgrt's fp32 modules on ONNX Runtime CPU, equal to transformers in fp32):
    teacher-forced step outputs on identical inputs (argmax and sample agreement, entropy and
@@ -124,7 +125,7 @@ def step_latency(gen: Any, runs: int) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path)
-    p.add_argument("--quick", action="store_true", help="skip pytest and the bench preset")
+    p.add_argument("--quick", action="store_true", help="skip pytest and the random presets")
     args = p.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -147,7 +148,8 @@ def main() -> int:
 
     models = {"trained": shipped_checkpoint()}
     if not args.quick:
-        models["bench"] = write_tiny(args.results / "bench-ckpt", preset="bench", force=True)
+        for preset in ("small", "bench"):
+            models[preset] = write_tiny(args.results / f"{preset}-ckpt", preset=preset, force=True)
     rows = []
     for model, ckpt in models.items():
         onnx = args.results / f"{model}-onnx"

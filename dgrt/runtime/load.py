@@ -94,7 +94,11 @@ def _generator(backend: Backend, path: Path, cfg: ModelConfig, max_context: int)
 def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> TorchBackend:
     if options["device"] != "cpu" and options["device"].startswith("cuda") and not torch.cuda.is_available():
         raise DgrtError(f"device {options['device']!r} asked for, but torch sees no CUDA GPU.")
-    return TorchBackend(model.to(device=options["device"], dtype=options["dtype"]), threads)
+    model = model.to(device=options["device"])
+    if options["dtype"] is not None:  # parameters only: RoPE frequencies stay fp32, as in transformers
+        for param in model.parameters():
+            param.data = param.data.to(options["dtype"])
+    return TorchBackend(model, threads)
 
 
 def _load_checkpoint(path: Path, threads: int | None, torch_options: dict[str, Any]) -> Generator:
