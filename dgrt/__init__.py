@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from os import PathLike
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dgrt.runtime.generator import Generator
+    from dgrt.runtime.load import load as load
 
 __version__ = "0.1.0"
 
 
-def load(
-    path: str | PathLike[str],
-    backend: str | None = None,
-    threads: int | None = None,
-    prepack: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-) -> Generator:
-    """Load an export directory or a checkpoint folder for generation; see dgrt.runtime.load.load."""
-    from dgrt.runtime.load import load as _load
+def __getattr__(name: str) -> Any:
+    """`dgrt.load` (dgrt.runtime.load.load), imported on first use so `import dgrt` stays light."""
+    if name == "load":
+        from dgrt.runtime.load import load
 
-    return _load(path, backend=backend, threads=threads, prepack=prepack, device=device, dtype=dtype)
+        return load
+    raise AttributeError(f"module 'dgrt' has no attribute {name!r}")
