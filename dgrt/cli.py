@@ -53,6 +53,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         quant=Recipe(args.quant, args.block_size) if args.quant else None,
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
+        measure_accuracy=not args.no_accuracy,
     )
     manifest = export(args.checkpoint, args.output, options, force=args.force)
     weights = manifest["weights"]
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         "default: task if the checkpoint has one, else builtin",
     )
     p.add_argument("--calibration-samples", type=int, default=32, help="prompts to calibrate on (default 32)")
+    p.add_argument(
+        "--no-accuracy",
+        action="store_true",
+        help="skip measuring the quantized export against fp32 (which holds the fp32 model in memory)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
 
