@@ -96,3 +96,13 @@ def test_generate_stream_prints_each_canvas(exports: dict[str, Path]) -> None:
 def test_generate_bad_input(exports: dict[str, Path], args: list[str], message: str) -> None:
     r = dgrt(*[a.format(export=exports["tiny"]) for a in args])
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_quantized_export_from_the_command_line(tiny_ckpt: Path, tmp_path: Path) -> None:
+    r = dgrt("export", str(tiny_ckpt), "-o", str(tmp_path / "q"), "--quant", "int4", "--block-size", "32",
+             "--no-accuracy")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "lint passed" in r.stdout and "accuracy of" not in r.stdout
+    r = dgrt("export", str(tiny_ckpt), "-o", str(tmp_path / "q2"), "--quant", "int4")  # default block 64
+    assert r.returncode == 2 and "choose a --block-size that divides it" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "q2").exists()
