@@ -158,7 +158,8 @@ def main() -> int:
             from dgrt.tensorrt.build import build
 
             try:
-                results.setdefault("builds", {})[model] = str(build(onnx))
+                engines = build(onnx, timing_cache=args.results / "timing.cache")  # shared: later builds are faster
+                results.setdefault("builds", {})[model] = str(engines)
             except DgrtError as e:
                 results.setdefault("builds", {})[model] = f"failed: {e}"
         ref = dgrt.load(onnx)  # ONNX Runtime CPU, fp32: the reference
