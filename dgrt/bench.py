@@ -30,7 +30,9 @@ from dgrt.runtime.backends import DenoiseInputs, TorchBackend
 from dgrt.runtime.generator import CanvasEvent, Generator
 from dgrt.task import Task, score
 
-TASK_EXAMPLES = 200  # held-out questions scored when the model was trained on dgrt's task
+TASK_EXAMPLES = 200
+DEFAULT_PROMPT_LENGTHS = (16, 128, 512)
+DEFAULT_PAST_LENGTHS = (0, 256, 1024, 4096)  # held-out questions scored when the model was trained on dgrt's task
 
 
 @dataclass
@@ -85,8 +87,9 @@ def bench_generator(gen: Generator, prompt_lengths: list[int], past_lengths: lis
     info, backend = gen.info, gen.backend
     c, rng = info.canvas_length, torch.Generator().manual_seed(0)
     result = SideResult()
-    pad = torch.zeros(1, dtype=torch.int64)
-    empty = [(torch.zeros(1, s.num_kv_heads, 0, s.head_dim, dtype=backend.dtype),) * 2 for s in info.layers]
+    pad, device = torch.zeros(1, dtype=torch.int64), backend.device
+    empty = [(torch.zeros(1, s.num_kv_heads, 0, s.head_dim, dtype=backend.dtype, device=device),) * 2
+             for s in info.layers]  # fmt: skip
     for p in prompt_lengths:
         progress.update(f"prefill of {p} tokens")
         ids = torch.randint(0, info.vocab_size, (1, p), generator=rng)
@@ -94,13 +97,13 @@ def bench_generator(gen: Generator, prompt_lengths: list[int], past_lengths: lis
     for past_len in past_lengths:
         progress.update(f"denoise step over {past_len} cached tokens")
         past = [
-            tuple(torch.randn(1, s.num_kv_heads, _kept(past_len, s.window), s.head_dim, generator=rng).to(backend.dtype)
-                  for _ in range(2))
+            tuple(torch.randn(1, s.num_kv_heads, _kept(past_len, s.window), s.head_dim, generator=rng)
+                  .to(device=device, dtype=backend.dtype) for _ in range(2))
             for s in info.layers
         ]  # fmt: skip
         inputs = DenoiseInputs(
             torch.randint(0, info.vocab_size, (1, c), generator=rng),
-            torch.zeros(1, c, info.hidden_size, dtype=backend.dtype),
+            torch.zeros(1, c, info.hidden_size, dtype=backend.dtype, device=device),
             torch.arange(past_len, past_len + c)[None],
             pad,
             torch.tensor([0.6]),
@@ -198,12 +201,13 @@ def run_bench(
     backends: list[str] | None,
     reference: Path | None,
     step_counts: list[int],
-    prompt_lengths: list[int],
-    past_lengths: list[int],
+    prompt_lengths: list[int] | None,
+    past_lengths: list[int] | None,
     runs: int,
     threads: int,
 ) -> dict[str, Any]:
-    """Every measurement for each backend (default: the path's default backend), and the reference."""
+    """Every measurement for each backend (default: the path's default backend), and the reference.
+    Lengths default to DEFAULT_PROMPT_LENGTHS / DEFAULT_PAST_LENGTHS, those the model's context allows."""
     import dgrt
 
     progress = Progress()
@@ -219,6 +223,14 @@ def run_bench(
     names: list[str | None] = list(backends) if backends else [None]  # None: the path's default backend
     for name in names:
         with dgrt.load(path, backend=name, threads=threads) as gen:
+            longest = gen.info.max_context - gen.info.canvas_length
+            prompt_lengths = prompt_lengths or [n for n in DEFAULT_PROMPT_LENGTHS if n <= gen.info.max_context]
+            past_lengths = past_lengths or [n for n in DEFAULT_PAST_LENGTHS if n <= longest]
+            if max(past_lengths) > longest or max(prompt_lengths) > gen.info.max_context:
+                raise DgrtError(
+                    f"{path} supports a context of {gen.info.max_context} tokens: prompt lengths must be at most "
+                    f"that and cached lengths at most {longest} (the canvas needs the rest)."
+                )
             side = bench_generator(gen, prompt_lengths, past_lengths, step_counts, runs, progress)
             weight_bytes = _weight_bytes(gen, path)
             report["canvas_length"] = gen.info.canvas_length
@@ -235,6 +247,7 @@ def run_bench(
                 t0 = time.perf_counter()
                 scored = score(gen, task.examples(TASK_EXAMPLES))
                 report["backends"][gen.backend.name]["task"] = vars(scored) | {"seconds": time.perf_counter() - t0}
+    assert prompt_lengths and past_lengths  # set in the loop, which runs at least once
     if reference is not None:
         ref = bench_reference(reference, prompt_lengths, past_lengths, step_counts, runs, threads, progress)
         report["reference"] = _side_json(ref)

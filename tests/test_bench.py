@@ -44,3 +44,8 @@ def test_bench_json_and_plot(tmp_path: Path, tiny_ckpt: Path, exports: dict[str,
 def test_bench_rejects_a_bad_length_list(exports: dict[str, Path]) -> None:
     r = bench(str(exports["tiny"]), "--past-lengths", "a,b")
     assert r.returncode == 2 and "expected comma-separated integers" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_bench_refuses_lengths_beyond_the_context(exports: dict[str, Path]) -> None:
+    r = bench(str(exports["tiny"]), "--past-lengths", "0,4090")  # tiny: context 4096, canvas 16
+    assert r.returncode == 2 and "cached lengths at most 4080" in r.stderr and r.stderr.count("\n") == 1
