@@ -7,11 +7,11 @@ TensorRT, and says which it skipped and why. Steps:
 
 1. `pytest -m gpu` (the GPU-marked tests; they skip themselves without TensorRT);
 2. exports dgrt's trained model and the `small` and `bench` presets (fp32) and builds TensorRT engines for
-   them where TensorRT is;
+   them where TensorRT is, plus FP8 and INT4 engines of the trained model;
 3. for each backend at hand (torch CUDA fp32 and bf16 with CUDA graphs, ONNX Runtime CUDA, TensorRT),
    against the CPU reference (dgrt's fp32 modules on ONNX Runtime CPU, equal to transformers in fp32):
    teacher-forced step outputs on identical inputs (argmax and sample agreement, entropy and
-   soft-embedding error), task accuracy and sequence agreement on the trained model, and denoise-step
+   soft-embedding error), task accuracy on the trained model (also for its FP8 / INT4 engines), denoise-step
    latency on the bench preset (median of repeated steps after a warm-up);
 4. writes results.json and prints the table. Meant to finish in well under 8 minutes on one H100.
 """
@@ -33,9 +33,11 @@ import torch
 import dgrt
 from dgrt.errors import DgrtError
 from dgrt.exporter.onnx_export import ExportOptions, export
+from dgrt.exporter.quantize import Recipe
 from dgrt.runtime.backends import Backend, DenoiseInputs
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.task import Task, score, shipped_checkpoint
+from dgrt.tensorrt.build import build
 from dgrt.tiny import write_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,8 +157,6 @@ def main() -> int:
         onnx = args.results / f"{model}-onnx"
         export(ckpt, onnx, ExportOptions(), force=True)
         if trt_ok:
-            from dgrt.tensorrt.build import build
-
             try:
                 engines = build(onnx, timing_cache=args.results / "timing.cache")  # shared: later builds are faster
                 results.setdefault("builds", {})[model] = str(engines)
@@ -165,10 +165,18 @@ def main() -> int:
         ref = dgrt.load(onnx)  # ONNX Runtime CPU, fp32: the reference
         task = Task.from_dir(ckpt)
         ref_score = score(ref, task.examples(100)) if task else None
-        for label, options in backends_at_hand(trt_ok):
+        runs = [(label, onnx, options) for label, options in backends_at_hand(trt_ok)]
+        if trt_ok and task is not None:  # the quantized engines, judged by the task they must still solve
+            for recipe in ("fp8", "int4"):
+                q_onnx = args.results / f"{model}-{recipe}-onnx"
+                export(ckpt, q_onnx, ExportOptions(quant=Recipe(recipe), measure_accuracy=False), force=True)
+                runs.append((f"tensorrt {recipe}", q_onnx, {"backend": "tensorrt", "build": True}))
+        for label, path, options in runs:
             row: dict[str, Any] = {"model": model, "backend": label}
             try:
-                gen = load(onnx, options)
+                if options.pop("build", False):
+                    build(path, timing_cache=args.results / "timing.cache")
+                gen = load(path, options)
                 row |= step_agreement(gen, ref)
                 if task and ref_score:
                     s = score(gen, task.examples(100))
