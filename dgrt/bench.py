@@ -139,7 +139,7 @@ def _generation(gen: Generator, prompt: list[int], options: dict[str, Any], runs
         "seconds": timing.median,
         "seconds_low": timing.low,
         "seconds_high": timing.high,
-        "steps_per_canvas": float(np.mean([s for row in result.steps_per_canvas for s in row])),
+        "steps_per_canvas": result.mean_steps_per_canvas,
         "time_to_first_canvas": first_canvas[0],
     }
 

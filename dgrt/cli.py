@@ -197,10 +197,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def _backend_list(text: str) -> list[str]:
+    from dgrt.runtime.load import BACKENDS
+
     names = text.split(",")
-    unknown = [n for n in names if n not in ("onnxruntime", "torch")]
+    unknown = [n for n in names if n not in BACKENDS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; expected onnxruntime or torch")
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; expected some of {', '.join(BACKENDS)}")
     return names
 
 
@@ -250,8 +252,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             print(f"prompt: {prompt!r} (chat template applied)")
             result = gen.generate(prompt, seed=0, on_event=CanvasDisplay(gen.tokenizer, 1))
             print(summary(result, gen.backend.name))
-            if task is not None and prompt.startswith("Reverse: "):
-                expected = prompt.removeprefix("Reverse: ")[::-1]
+            expected = task.answer(prompt) if task is not None else None
+            if expected is not None:
                 right = result.texts[0].strip() == expected
                 print("answer correct" if right else f"answer WRONG (expected {expected})")
             if task is not None:
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from dgrt.runtime.load import BACKENDS
     from dgrt.tiny import PRESETS
 
     p = sub.add_parser(
@@ -290,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from an export directory or a checkpoint folder")
     p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
     p.add_argument("prompt", nargs="+", help="one or more prompts (several make a batch)")
-    p.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], help="default: onnxruntime for exports")
+    p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime for exports")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--steps", type=int, help="denoising steps per canvas (max_denoising_steps)")
@@ -320,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure prefill, denoise and generation speed (optionally against transformers)")
     p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
-    p.add_argument("--backend", type=_backend_list, help="onnxruntime, torch, or both comma-separated")
+    p.add_argument("--backend", type=_backend_list, help="onnxruntime, torch, tensorrt, or several comma-separated")
     p.add_argument("--reference", type=Path, help="a checkpoint folder: measure transformers the same way")
     p.add_argument("--steps", type=_int_list, default=[8, 16, 48], help="fixed step counts (default 8,16,48)")
     p.add_argument("--prompt-lengths", type=_int_list, help="default 16,128,512 (those the context allows)")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 TASK_FILE = "dgrt_task.json"
 SHIPPED = "trained/reverse"  # the trained checkpoint inside the package (tools/train_small.py)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+QUESTION = "Reverse: "  # then the letters
 HELD_OUT_SEED = 20261128  # training draws from other seeds; see tools/train_small.py
 
 
@@ -47,7 +48,11 @@ class Task:
 
     def example(self, rng: random.Random) -> Example:
         word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(self.min_length, self.max_length)))
-        return Example(f"Reverse: {word}", word[::-1])
+        return Example(QUESTION + word, word[::-1])
+
+    def answer(self, question: str) -> str | None:
+        """The exact answer to a question of the task's form, or None for any other prompt."""
+        return question.removeprefix(QUESTION)[::-1] if question.startswith(QUESTION) else None
 
     def examples(self, n: int, seed: int = HELD_OUT_SEED) -> list[Example]:
         rng = random.Random(seed)

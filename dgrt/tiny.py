@@ -158,14 +158,10 @@ def preset_config(preset: str) -> dict[str, Any]:
     """The config.json content of a preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    return model_config(PRESETS[preset]["text"], PRESETS[preset]["canvas_length"])
-
-
-def model_config(text_values: dict[str, Any], canvas_length: int) -> dict[str, Any]:
-    """The config.json content for text_config values like a preset's (the rest as every preset has it)."""
-    vocab = text_values["vocab_size"]
+    p = PRESETS[preset]
+    vocab = p["text"]["vocab_size"]
     text = dict(
-        text_values,
+        p["text"],
         rope_parameters=ROPE_PARAMETERS,
         final_logit_softcapping=30.0,
         rms_norm_eps=1e-6,
@@ -181,7 +177,7 @@ def model_config(text_values: dict[str, Any], canvas_length: int) -> dict[str, A
         "model_type": "diffusion_gemma",
         "text_config": text,
         "vision_config": dict(VISION_CONFIG),
-        "canvas_length": canvas_length,
+        "canvas_length": p["canvas_length"],
         "image_token_id": vocab - 1,
         "boi_token_id": vocab - 2,
         "eoi_token_id": vocab - 3,

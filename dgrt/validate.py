@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from dgrt.errors import DgrtError
+from dgrt.exporter.io_spec import torch_dtype
 from dgrt.model.sampling import sample_from_uniform
-from dgrt.runtime.backends import Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend, session_options
+from dgrt.runtime.backends import KV, Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend, session_options
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.sampler import accept
 from dgrt.task import Task, score
@@ -215,7 +216,7 @@ def validate(
         kv, logits = compare(gen.backend, logits_function(gen, export_dir))
         from dgrt.checkpoint import load_model
 
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
+        dtype = torch_dtype(manifest["dtype"])
         model = load_model(ref_ckpt, dtype=dtype)
         baseline = compare(TorchBackend(model), _torch_logits(model))
         e2e = [_shared_noise(gen, hf, tok, text, sampler, canvases, seed + i) for i, text in enumerate(prompts)]
@@ -332,6 +333,11 @@ class HFReference:
         return torch.matmul(probs, emb.weight) * emb.embed_scale.to(emb.weight.dtype)
 
 
+def _appended(past: list[KV], new: list[KV]) -> list[KV]:
+    """Each layer's past with the new tokens' K/V after it."""
+    return [(torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(past, new, strict=True)]
+
+
 class TorchReference:
     """dgrt's own fp32 PyTorch modules as the reference (the same math as the fp32 graphs): what a
     quantized export is measured against."""
@@ -342,9 +348,7 @@ class TorchReference:
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         new = self.model.prefill(tokens, positions, self.past)
-        self.past = [
-            (torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(self.past, new, strict=True)
-        ]
+        self.past = _appended(self.past, new)
         return self.past
 
     def denoise(self, canvas: torch.Tensor, positions: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
@@ -372,7 +376,7 @@ def teacher_forced(info: ModelInfo, backend: Backend, reference: Any, logits_of:
             n = min(ref_k.shape[2], k.shape[2])  # the new tokens, or those of them in a sliding window
             kv.add(k[:, :, -n:].float(), ref_k[:, :, -n:], token_dim=2)
             kv.add(v[:, :, -n:].float(), ref_v[:, :, -n:], token_dim=2)
-        past = [(torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(past, new, strict=True)]
+        past = _appended(past, new)
 
     prefill(ids, torch.arange(p)[None])
     for k in range(canvases):

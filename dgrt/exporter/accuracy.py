@@ -62,10 +62,10 @@ def measure(
             "positions": logits.positions,
         },
     }
-    steps = {}
-    for name, gen in (("fp32", full), ("quantized", quantized)):
-        out = gen.generate(prompts, seed=seed, max_new_tokens=canvases * gen.info.canvas_length)
-        steps[name] = sum(s for row in out.steps_per_canvas for s in row) / sum(map(len, out.steps_per_canvas))
+    steps = {
+        name: gen.generate(prompts, seed=seed, max_new_tokens=canvases * gen.info.canvas_length).mean_steps_per_canvas
+        for name, gen in (("fp32", full), ("quantized", quantized))
+    }
     result["steps_per_canvas"] = steps | {"limit": quantized.sampler.steps}
     if task is not None and task_examples:
         examples = task.examples(task_examples)

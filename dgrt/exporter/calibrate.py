@@ -39,8 +39,11 @@ def builtin_prompts() -> list[str]:
 
 
 def read_prompts(source: str, checkpoint_dir: Path) -> tuple[list[Prompt], str]:
-    """(prompts, description) for --calibration: 'builtin', 'task' (the checkpoint's dgrt_task.json) or a
-    file with one prompt per line, or JSONL of strings / {"prompt"|"text": str} / {"messages": [...]}."""
+    """(prompts, description) for --calibration: 'builtin', 'task' (the checkpoint's dgrt_task.json), 'auto'
+    (task if the checkpoint has one, else builtin) or a file with one prompt per line, or JSONL of strings /
+    {"prompt"|"text": str} / {"messages": [...]}."""
+    if source == "auto":
+        source = "task" if Task.from_dir(checkpoint_dir) is not None else "builtin"
     if source == "builtin":
         return list(builtin_prompts()), "builtin (dgrt/data/calibration.txt)"
     if source == "task":
@@ -126,12 +129,12 @@ def calibrate(
     recorder = _Recorder(gen.backend.model)  # type: ignore[attr-defined]
     gen.backend = _RecordingBackend(gen.backend.model, recorder)  # type: ignore[attr-defined]
     steps = min(gen.sampler.steps, MAX_CALIBRATION_STEPS)
-    canvases = 2 * gen.info.canvas_length
+    max_new_tokens = 2 * gen.info.canvas_length
     try:
         for start in range(0, samples, batch_size):
             progress.update("calibrating activations", start, samples)
             batch = chosen[start : start + batch_size]
-            gen.generate(batch, seed=CALIBRATION_SEED + start, max_new_tokens=canvases, steps=steps)
+            gen.generate(batch, seed=CALIBRATION_SEED + start, max_new_tokens=max_new_tokens, steps=steps)
     finally:
         recorder.remove()
         gen.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from dgrt.config import ModelConfig
 
 # Symbolic dimensions. The canvas length is static (a number in the shapes).
@@ -22,6 +24,13 @@ DIMS = {
 }
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# The contract's dtype names as torch dtypes.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+def torch_dtype(export_dtype: str) -> torch.dtype:
+    """The torch dtype of an export's model dtype (a key of DTYPES: fp32, fp16, bf16)."""
+    return TORCH_DTYPES[DTYPES[export_dtype]]
 
 
 @dataclass(frozen=True)

@@ -28,20 +28,25 @@ from dgrt import __version__
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.errors import DgrtError
 from dgrt.exporter import manifest as manifest_mod
-from dgrt.exporter.io_spec import DTYPES, GraphSpec, denoise_spec, prefill_spec
-from dgrt.exporter.quantize import QuantizedWeight, Recipe, quantize_graph, quantize_weight
+from dgrt.exporter.io_spec import DTYPES, TORCH_DTYPES, GraphSpec, denoise_spec, prefill_spec
+from dgrt.exporter.quantize import (
+    QuantizedWeight,
+    Recipe,
+    quantize_activations,
+    quantize_weight,
+    quantize_weights,
+)
 from dgrt.exporter.weights import WeightFile
 from dgrt.fsutil import atomic_dir
 from dgrt.model import Denoise, DiffusionGemma, Prefill
 from dgrt.progress import Progress
-from dgrt.task import TASK_FILE, Task
+from dgrt.task import TASK_FILE
 
 WEIGHTS_FILE = "weights.bin"
 DEFAULT_OPSET = 21
 # torch 2.13's exporter emits opsets 18..23; 21 is the first with blocked INT4 DequantizeLinear.
 SUPPORTED_OPSETS = range(18, 24)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 # Example sizes for tracing: all different, none 0 or 1, so torch.export specialises nothing.
 EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6}
@@ -54,9 +59,8 @@ class ExportOptions:
     max_context: int | None = None  # default: the model's max_position_embeddings
     debug_logits: bool = False
     quant: Recipe | None = None  # None: no quantization
-    calibration: str = (
-        "auto"  # 'auto' (the task's questions if the checkpoint has one, else builtin), 'builtin', 'task' or a file
-    )
+    # FP8 calibration prompts: 'auto', 'builtin', 'task' or a file (see dgrt.exporter.calibrate.read_prompts)
+    calibration: str = "auto"
     calibration_samples: int = 32
     measure_accuracy: bool = True  # quantized exports: measure against fp32 into the manifest
 
@@ -153,8 +157,8 @@ def export(
 def _quantize(
     graphs: dict[str, ir.Model], ckpt: Checkpoint, options: ExportOptions, scale_dtype: ir.DataType, progress: Progress
 ) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
-    """Calibrate (FP8 recipes) and rewrite both graphs; returns the quantized initializers to write and the
-    manifest's "quantization" entry."""
+    """Put weight DQ in both graphs, then (FP8 GEMMs) calibrate and add activation Q/DQ; a bad block size
+    fails before calibration. Returns the quantized initializers to write and the manifest's entry."""
     from dgrt.exporter.calibrate import calibrate, read_prompts
 
     recipe = options.quant
@@ -164,23 +168,23 @@ def _quantize(
         "round to nearest; FP8 E4M3 scale = max |w| / 448 per output channel (per expert and channel for expert "
         "stacks); INT4 scale = max |w| / 7 per block of the input dimension; embedding / LM head not quantized"
     )
-    amax = None
-    if recipe.calibrated:
-        source = options.calibration
-        if source == "auto":
-            source = "task" if Task.from_dir(ckpt.path) is not None else "builtin"
-        prompts, described = read_prompts(source, ckpt.path)
+    planned: dict[str, QuantizedWeight] = {}
+    fp8_inputs = {}
+    for name, graph in graphs.items():
+        progress.update(f"quantizing {name} graph ({recipe.name})")
+        weights, fp8_inputs[name] = quantize_weights(graph, recipe, scale_dtype)
+        planned |= weights
+    if any(fp8_inputs.values()):  # FP8 GEMMs: their activation scales come from calibration
+        prompts, described = read_prompts(options.calibration, ckpt.path)
         amax = calibrate(ckpt.path, prompts, options.calibration_samples, progress)
+        for name, graph in graphs.items():
+            quantize_activations(graph, fp8_inputs[name], amax[name], scale_dtype)
         entry["calibration"] = {
             "source": described,
             "samples": options.calibration_samples,
             "method": "max |x| per GEMM input and graph over dgrt's generate loop (fp32 PyTorch modules); "
             "scale = max / 448, per tensor",
         }
-    planned: dict[str, QuantizedWeight] = {}
-    for name, graph in graphs.items():
-        progress.update(f"quantizing {name} graph ({recipe.name})")
-        planned |= quantize_graph(graph, recipe, amax[name] if amax else None, scale_dtype)
     formats = [q.fmt for q in planned.values() if q.part == "quantized"]
     entry["quantized_weights"] = {fmt: formats.count(fmt) for fmt in sorted(set(formats))}
     return planned, entry
@@ -208,7 +212,7 @@ def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> 
     args, shapes = [], []
     for t in spec.inputs:
         size = [EXAMPLE_DIMS[d] if isinstance(d, str) else d for d in t.shape]
-        args.append(torch.zeros(size, dtype=TORCH_DTYPES.get(t.dtype, torch.int64), device="meta"))
+        args.append(torch.zeros(size, dtype=TORCH_DTYPES[t.dtype], device="meta"))
         shapes.append({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)})
     n_fixed = sum(1 for t in spec.inputs if t.layer is None)  # the rest are the *past varargs
     dynamic_shapes = (*shapes[:n_fixed], tuple(shapes[n_fixed:]))

@@ -51,11 +51,6 @@ class Recipe:
             return "int4" if ".experts." in param else "fp8"
         return "int4" if self.name == "int4" else "fp8"
 
-    @property
-    def calibrated(self) -> bool:
-        """Whether activation scales are needed (any FP8 GEMM)."""
-        return self.name != "int4"
-
 
 # -- the weight math (torch; W is [N, K] for linear layers, [E, N, K] for expert stacks) ------------------
 
@@ -97,12 +92,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.T
     """(bytes as stored, scale) of a weight in a format: FP8 tensor or packed INT4 uint8 tensor."""
     if fmt == "fp8":
         return fp8_weight(w)
-    if w.shape[-1] % block_size:
-        raise DgrtError(
-            f"a weight of shape {list(w.shape)} cannot be split into INT4 blocks of {block_size} along its input "
-            f"dimension {w.shape[-1]}; choose a --block-size that divides it."
-        )
-    q, scale = int4_weight(w, block_size)
+    q, scale = int4_weight(w, block_size)  # quantize_weights checked that block_size divides K
     return pack_int4(q), scale
 
 
@@ -118,18 +108,24 @@ class QuantizedWeight:
     part: str  # "quantized" or "scale"
 
 
-def quantize_graph(
-    model: ir.Model,
-    recipe: Recipe,
-    activation_amax: dict[str, float] | None,
-    scale_dtype: ir.DataType,
-) -> dict[str, QuantizedWeight]:
-    """Insert weight DequantizeLinear (and FP8 activation Q/DQ) in front of every GEMM that reads a weight
-    the recipe quantizes. Returns the new weight initializers (data still to be written: see
-    `quantize_weight`). activation_amax: weight parameter -> calibrated max |input| of its GEMM in this
-    graph."""
+@dataclass(frozen=True)
+class ActivationInput:
+    """An FP8 GEMM's activation input, to get a Q/DQ pair once calibration has measured it."""
+
+    node: ir.Node
+    index: int
+    param: str  # the GEMM's weight parameter: calibration statistics are keyed by it
+
+
+def quantize_weights(
+    model: ir.Model, recipe: Recipe, scale_dtype: ir.DataType
+) -> tuple[dict[str, QuantizedWeight], list[ActivationInput]]:
+    """Insert a weight DequantizeLinear in front of every GEMM that reads a weight the recipe quantizes.
+    Returns the new weight initializers (data still to be written: see `quantize_weight`) and the FP8
+    GEMMs' activation inputs (see `quantize_activations`). Refuses a block size before any calibration."""
     graph = model.graph
     planned: dict[str, QuantizedWeight] = {}
+    fp8_inputs: list[ActivationInput] = []
     for node in list(graph):
         slots = _gemm_slots(node)
         if slots is None:
@@ -152,6 +148,7 @@ def quantize_graph(
         if fmt == "fp8":
             q_dtype, s_dims = ir.DataType.FLOAT8E4M3FN, dims[:1] if len(dims) == 2 else [*dims[:-1], 1]
             attrs = {"axis": 0} if len(dims) == 2 else {"axis": len(dims) - 1, "block_size": k}
+            fp8_inputs.append(ActivationInput(node, x_index, param))
         else:
             q_dtype, s_dims = ir.DataType.INT4, [*dims[:-1], k // recipe.block_size]
             attrs = {"axis": len(dims) - 1, "block_size": recipe.block_size}
@@ -162,12 +159,33 @@ def quantize_graph(
         dq = ir.node("DequantizeLinear", [q_value, s_value], attributes=attrs, name=f"{node.name}/weight_dq")
         graph.insert_before(node, dq)
         node.replace_input_with(w_index, dq.outputs[0])
-        if fmt == "fp8" and activation_amax is not None:
-            _quantize_activation(graph, node, x_index, activation_amax[param], scale_dtype)
     for name in [n for n, v in graph.initializers.items() if not v.uses() and n.startswith("model.")]:
         graph.initializers.pop(name)
     model.ir_version = max(model.ir_version, 10)  # INT4 is an IR-10 type
-    return planned
+    return planned, fp8_inputs
+
+
+def quantize_activations(
+    model: ir.Model, inputs: list[ActivationInput], amax: dict[str, float], dtype: ir.DataType
+) -> None:
+    """x -> QuantizeLinear -> DequantizeLinear -> GEMM for each FP8 GEMM input: E4M3, one constant scale
+    from amax (weight parameter -> calibrated max |input| of its GEMM in this graph)."""
+    graph = model.graph
+    for a in inputs:
+        x = a.node.inputs[a.index]
+        assert x is not None
+        name = a.node.name
+        s = ir.Value(name=f"qdq/{name}/input_scale", type=ir.TensorType(dtype), shape=ir.Shape([]))
+        s.const_value = ir.tensor(np.array(max(amax[a.param], 1e-12) / FP8_MAX, dtype=dtype.numpy()), name=s.name)
+        zp_type = ir.TensorType(ir.DataType.FLOAT8E4M3FN)
+        zp = ir.Value(name=f"qdq/{name}/input_zero_point", type=zp_type, shape=ir.Shape([]))
+        zp.const_value = ir.tensor(np.zeros((), dtype=ir.DataType.FLOAT8E4M3FN.numpy()), name=zp.name)
+        graph.register_initializer(s)
+        graph.register_initializer(zp)
+        q = ir.node("QuantizeLinear", [x, s, zp], name=f"{name}/input_q")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{name}/input_dq")
+        graph.insert_before(a.node, [q, dq])
+        a.node.replace_input_with(a.index, dq.outputs[0])
 
 
 def _gemm_slots(node: ir.Node) -> tuple[int, int] | None:
@@ -193,22 +211,3 @@ def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, dims: list[int]
     if name not in graph.initializers:
         graph.initializers[name] = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
     return graph.initializers[name]
-
-
-def _quantize_activation(graph: ir.Graph, node: ir.Node, index: int, amax: float, dtype: ir.DataType) -> None:
-    """x -> QuantizeLinear -> DequantizeLinear -> node, FP8 E4M3, one constant scale."""
-    x = node.inputs[index]
-    assert x is not None
-    scale = max(float(amax), 1e-12) / FP8_MAX
-    s = ir.Value(name=f"qdq/{node.name}/input_scale", type=ir.TensorType(dtype), shape=ir.Shape([]))
-    s.const_value = ir.tensor(np.array(scale, dtype=dtype.numpy()), name=s.name)
-    zp = ir.Value(
-        name=f"qdq/{node.name}/input_zero_point", type=ir.TensorType(ir.DataType.FLOAT8E4M3FN), shape=ir.Shape([])
-    )
-    zp.const_value = ir.tensor(np.zeros((), dtype=ir.DataType.FLOAT8E4M3FN.numpy()), name=zp.name)
-    graph.register_initializer(s)
-    graph.register_initializer(zp)
-    q = ir.node("QuantizeLinear", [x, s, zp], name=f"{node.name}/input_q")
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, zp], name=f"{node.name}/input_dq")
-    graph.insert_before(node, [q, dq])
-    node.replace_input_with(index, dq.outputs[0])

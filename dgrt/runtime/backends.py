@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dgrt.errors import DgrtError
+from dgrt.exporter.io_spec import torch_dtype
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,6 +36,10 @@ class DenoiseInputs:
     temperature: torch.Tensor  # [B] float32
     uniform: torch.Tensor  # [B, C] float32
 
+    def by_name(self) -> dict[str, torch.Tensor]:
+        """Graph input name -> tensor, in graph input order (dataclasses.asdict would deep-copy them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 @dataclass
 class StepOutputs:
@@ -44,9 +49,10 @@ class StepOutputs:
     next_soft: torch.Tensor  # [B, C, H] model dtype
 
 
-def astuple_shallow(inputs: DenoiseInputs) -> tuple[torch.Tensor, ...]:
-    """The fields in graph input order (dataclasses.astuple would deep-copy the tensors)."""
-    return tuple(getattr(inputs, f.name) for f in fields(inputs))
+def capture_key(batch: int, past: list[KV]) -> tuple[int, ...]:
+    """What a captured denoise step depends on besides input values: the batch, and each layer's past
+    length and address (constant over the steps of a canvas)."""
+    return (batch, *(k.shape[2] for k, _ in past), *(k.data_ptr() for k, _ in past))
 
 
 class Backend(Protocol):
@@ -88,13 +94,15 @@ class TorchBackend:
 
     @torch.inference_mode()
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
-        args = [t.to(self.device) for t in astuple_shallow(inputs)] + [t for kv in past for t in kv]
-        outputs = self._run_captured(args) if self._cuda_graphs else self._denoise(*args)
+        args = [t.to(self.device) for t in inputs.by_name().values()] + [t for kv in past for t in kv]
+        if self._cuda_graphs:
+            outputs = self._run_captured(capture_key(inputs.canvas_ids.shape[0], past), args)
+        else:
+            outputs = self._denoise(*args)
         argmax, sample, entropy, soft = outputs
         return StepOutputs(argmax.cpu(), sample.cpu(), entropy.cpu(), soft.clone() if self._cuda_graphs else soft)
 
-    def _run_captured(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        key = (args[0].shape[0], *(t.shape[2] for t in args[6:]), *(t.data_ptr() for t in args[6:]))
+    def _run_captured(self, key: tuple[int, ...], args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if key not in self._captured:
             static = [t.clone() for t in args[:6]] + args[6:]  # the cache is read in place
             stream = torch.cuda.Stream()
@@ -161,7 +169,7 @@ class OnnxRuntimeBackend:
 
         if manifest["dtype"] == "bf16" and not providers:
             raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
+        self.dtype = torch_dtype(manifest["dtype"])
         self.sessions = {}
         self.specs = manifest["graphs"]
         for name, graph in self.specs.items():
@@ -216,7 +224,7 @@ class OnnxRuntimeBackend:
         outputs = self._output_buffers(*soft.shape)
         # Write the next soft embeddings into whichever ping-pong buffer is not this step's input.
         next_soft = self._soft[1] if np.shares_memory(soft.numpy(), self._soft[0]) else self._soft[0]
-        named = {f.name: getattr(inputs, f.name) for f in fields(inputs)}
+        named = inputs.by_name()
         binding = self._bind_inputs("denoise", named, past)
         for name, array in (*outputs.items(), ("next_soft_embeds", next_soft)):
             binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)

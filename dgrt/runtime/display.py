@@ -45,13 +45,12 @@ class CanvasDisplay:
 
 
 def summary(result: GenerationResult, backend: str) -> str:
-    steps = [s for row in result.steps_per_canvas for s in row if s]
     step_ms = 1e3 * sum(result.step_seconds) / max(1, len(result.step_seconds))
     seconds = sum(result.step_seconds) + sum(result.prefill_seconds)
     new = sum(len(row) for row in result.tokens)
     return (
         f"[{backend}] {len(result.step_seconds)} denoise steps of {step_ms:.1f} ms, "
-        f"{sum(steps) / max(1, len(steps)):.1f} steps per canvas, tokens per forward "
+        f"{result.mean_steps_per_canvas:.1f} steps per canvas, tokens per forward "
         f"{', '.join(f'{t:.2f}' for t in result.tokens_per_forward)}, {new / max(seconds, 1e-9):.0f} tokens/s, "
         f"seed {result.seed}"
     )

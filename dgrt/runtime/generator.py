@@ -75,13 +75,17 @@ class GenerationResult:
     step_seconds: list[float] = field(default_factory=list)
     seed: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def mean_steps_per_canvas(self) -> float:
         steps = [s for row in self.steps_per_canvas for s in row]
+        return sum(steps) / len(steps) if steps else 0.0
+
+    def to_json(self) -> dict[str, Any]:
         return {
             "texts": self.texts,
             "tokens": self.tokens,
             "steps_per_canvas": self.steps_per_canvas,
-            "mean_steps_per_canvas": sum(steps) / len(steps) if steps else 0.0,
+            "mean_steps_per_canvas": self.mean_steps_per_canvas,
             "tokens_per_forward": self.tokens_per_forward,
             "prefill_seconds": self.prefill_seconds,
             "step_seconds": self.step_seconds,

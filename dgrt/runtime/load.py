@@ -10,6 +10,7 @@ import torch
 
 from dgrt.config import ModelConfig
 from dgrt.errors import DgrtError
+from dgrt.exporter.io_spec import DTYPES, torch_dtype
 from dgrt.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.kv_cache import LayerShape
@@ -17,7 +18,6 @@ from dgrt.runtime.sampler import SamplerConfig
 from dgrt.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load(
@@ -39,11 +39,11 @@ def load(
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise DgrtError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
-    if dtype is not None and dtype not in TORCH_DTYPES:
-        raise DgrtError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise DgrtError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
     if (device or dtype) and backend not in (None, "torch"):
         raise DgrtError(f"device and dtype choose where the torch backend runs; the {backend} backend has its own.")
-    torch_options = {"device": device or "cpu", "dtype": TORCH_DTYPES[dtype] if dtype else None}
+    torch_options = {"device": device or "cpu", "dtype": torch_dtype(dtype) if dtype else None}
     if (path / "manifest.json").exists():
         default = "torch" if device or dtype else "onnxruntime"
         return _load_export(path, backend or default, threads, prepack, torch_options)
@@ -92,7 +92,7 @@ def _generator(backend: Backend, path: Path, cfg: ModelConfig, max_context: int)
 
 
 def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> TorchBackend:
-    if options["device"] != "cpu" and options["device"].startswith("cuda") and not torch.cuda.is_available():
+    if options["device"].startswith("cuda") and not torch.cuda.is_available():
         raise DgrtError(f"device {options['device']!r} asked for, but torch sees no CUDA GPU.")
     model = model.to(device=options["device"])
     if options["dtype"] is not None:  # parameters only: RoPE frequencies stay fp32, as in transformers
@@ -144,7 +144,7 @@ def _model_from_export(path: Path, manifest: dict[str, Any], cfg: ModelConfig) -
 
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["dtype"]]
+    dtype = torch_dtype(manifest["dtype"])
     state: dict[str, torch.Tensor] = {}
     for graph in manifest["graphs"].values():
         for name, value in ir.load(path / graph["file"]).graph.initializers.items():

@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dgrt.errors import DgrtError
-from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs
+from dgrt.exporter.io_spec import TORCH_DTYPES, torch_dtype
+from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
 from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
-from dgrt.tensorrt.plan import BuildOptions, max_shapes
+from dgrt.tensorrt.plan import BuildOptions, max_shapes, onnx_digest
 
 if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
     import tensorrt as trt
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 
 def find_engines(export_dir: Path, manifest: dict[str, Any], trt_version: str, gpu: str) -> Path:
@@ -35,9 +34,7 @@ def find_engines(export_dir: Path, manifest: dict[str, Any], trt_version: str, g
     found = []
     for file in sorted((export_dir / "engines").glob(f"*/{ENGINE_FILE}")):
         engine = json.loads(file.read_text())
-        if engine["onnx"] != {g: manifest["graphs"][g]["sha256"] for g in GRAPHS} | {
-            "weights": manifest["weights"]["sha256"]
-        }:
+        if engine["onnx"] != onnx_digest(manifest):
             continue  # built from another export
         if engine["tensorrt"] == trt_version and engine["gpu"] == gpu:
             return file.parent
@@ -70,7 +67,7 @@ class TensorRTBackend:
                 f"machine has TensorRT {version} and {gpu}. Rebuild with: dgrt build {export_dir}"
             )
         self.device = torch.device("cuda")
-        self.dtype = TORCH_DTYPES[{"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[manifest["dtype"]]]
+        self.dtype = torch_dtype(manifest["dtype"])
         self.specs = manifest["graphs"]
         self.stream = torch.cuda.Stream()
         logger = trt.Logger(trt.Logger.WARNING)
@@ -149,17 +146,9 @@ class TensorRTBackend:
         return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
 
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
-        values = {
-            "canvas_ids": inputs.canvas_ids,
-            "soft_embeds": inputs.soft_embeds,
-            "position_ids": inputs.position_ids,
-            "pad_lengths": inputs.pad_lengths,
-            "temperature": inputs.temperature,
-            "uniform": inputs.uniform,
-        }
-        key = (inputs.canvas_ids.shape[0], *(k.shape[2] for k, _ in past), *(k.data_ptr() for k, _ in past))
+        key = capture_key(inputs.canvas_ids.shape[0], past)
         with torch.cuda.stream(self.stream):
-            self._bind("denoise", values, past)
+            self._bind("denoise", inputs.by_name(), past)
             graph = self._graphs.get(key)
             if graph is None:
                 # The first step with these shapes runs directly (TensorRT sets itself up for them), and is

@@ -24,6 +24,7 @@ from dgrt.tensorrt.plan import (
     check_version,
     engine_key,
     network_flags,
+    onnx_digest,
     precision,
     profiles,
 )
@@ -103,7 +104,7 @@ def build(
             "builder_flags": builder_flags(major, options),
             "options": options.__dict__,
             "profiles": {g: profiles(manifest, g, options) for g in GRAPHS},
-            "onnx": {g: manifest["graphs"][g]["sha256"] for g in GRAPHS} | {"weights": manifest["weights"]["sha256"]},
+            "onnx": onnx_digest(manifest),
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / ENGINE_FILE).write_text(json.dumps(description, indent=2) + "\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from dgrt.errors import DgrtError
@@ -42,7 +42,7 @@ class BuildOptions:
             raise DgrtError(f"--opt-context {opt} must be between 0 and {max_context - canvas} (max context - canvas).")
         if self.strip_weights and self.weight_streaming:
             raise DgrtError("--strip-weights and --weight-streaming cannot be combined; choose one.")
-        return BuildOptions(**(asdict(self) | {"max_context": max_context, "opt_context": opt}))
+        return replace(self, max_context=max_context, opt_context=opt)
 
 
 def precision(manifest: dict[str, Any]) -> str:
@@ -123,6 +123,11 @@ def max_shapes(manifest: dict[str, Any], graph: str, options: BuildOptions) -> d
     }
 
 
+def onnx_digest(manifest: dict[str, Any]) -> dict[str, str]:
+    """What the engines are built from: each graph's and the weights' sha256 (engine.json records it)."""
+    return {g: v["sha256"] for g, v in manifest["graphs"].items()} | {"weights": manifest["weights"]["sha256"]}
+
+
 def engine_key(
     manifest: dict[str, Any], options: BuildOptions, trt_version: str, gpu: str, compute_capability: tuple[int, int]
 ) -> str:
@@ -135,7 +140,7 @@ def engine_key(
         "precision": precision(manifest),
         "options": asdict(options),
         "profiles": {g: profiles(manifest, g, options) for g in manifest["graphs"]},
-        "onnx": {g: v["sha256"] for g, v in manifest["graphs"].items()} | {"weights": manifest["weights"]["sha256"]},
+        "onnx": onnx_digest(manifest),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return f"sm{compute_capability[0]}{compute_capability[1]}-{precision(manifest)}-{digest}"
