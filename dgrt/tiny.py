@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from dgrt.checkpoint import expected_tensors
 from dgrt.config import FULL, SLIDING, ModelConfig
-from dgrt.fsutil import atomic_dir
+from dgrt.errors import MAX_SEED, check_ints
+from dgrt.fsutil import atomic_dir, check_output
 
 S, F = SLIDING, FULL
 
@@ -272,6 +273,8 @@ def write_checkpoint(
     tag: str = "custom",
 ) -> Path:
     """Write a complete random checkpoint folder for any config.json content (see `preset_config`)."""
+    check_ints("seed", seed, 0, MAX_SEED)
+    check_output(out_dir, force)  # before the weights are drawn: a refused folder costs nothing
     weights = random_weights(ModelConfig.from_dict(config), seed, gain)
     return save_checkpoint(
         out_dir, config, weights, metadata={"dgrt_random": f"{tag} seed={seed} gain={gain}"}, force=force
@@ -300,7 +303,7 @@ def save_checkpoint(
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
     ) | (generation or {})
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    with atomic_dir(out_dir, force=force) as tmp:  # reads no folder: no inputs to protect
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(tokenizer_json(cfg.vocab_size))
