@@ -11,21 +11,26 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
 
-from dgrt.config import ModelConfig
+from dgrt.config import ModelConfig, read_generation_config, read_json
 from dgrt.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Bits per element of every dtype the safetensors format defines (0.8), to check each tensor's byte range.
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8}
+_DTYPE_BITS |= {"F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16}
+_DTYPE_BITS |= {"I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 # Image-input weights of the encoder role: present in every checkpoint, not used for text.
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _ENCODER_SCALAR = re.compile(r"layers\.(\d+)\.encoder_layer_scalar")
@@ -58,41 +63,66 @@ class TensorInfo:
     end: int
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object.")
-    return data
-
-
 def _headers(path: Path) -> dict[str, TensorInfo]:
-    """The tensors a safetensors file holds, from its header alone (8-byte length, then JSON)."""
+    """The tensors a safetensors file holds, from its header alone (8-byte length, then a JSON object),
+    checked as the safetensors library checks them: each tensor's byte range matches its shape and dtype,
+    and the ranges tile the data section exactly (no overlaps, no gaps, nothing after)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 2 <= n <= size - 8:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
-        infos = {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            start = 8 + n + begin
-            if not 8 + n <= start <= 8 + n + end <= size:
-                raise ValueError(f"tensor '{key}' lies outside the file")
-            infos[key] = TensorInfo(key, path, tuple(entry["shape"]), entry["dtype"], start, 8 + n + end)
-        return infos
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file (header length {n} does not fit {size} bytes)."
+                )
+            header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found.") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}).") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not UTF-8 JSON: {e}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not a JSON object).")
+    infos = [_tensor_info(path, key, entry, 8 + n) for key, entry in header.items() if key != "__metadata__"]
+    end, before = 8 + n, "the header"
+    for info in sorted(infos, key=lambda t: (t.start, t.end)):
+        if info.start != end:
+            what = "overlaps" if info.start < end else f"leaves bytes {end}-{info.start} unused after"
+            raise CheckpointError(f"{path}: tensor '{info.key}' (bytes {info.start}-{info.end}) {what} {before}.")
+        end, before = info.end, f"tensor '{info.key}'"
+    if end != size:
+        raise CheckpointError(f"{path}: the tensors end at byte {end}, but the file has {size} bytes.")
+    return {info.key: info for info in infos}
+
+
+def _tensor_info(path: Path, key: str, entry: Any, data_start: int) -> TensorInfo:
+    """One header entry ({"dtype", "shape", "data_offsets"}), checked; byte offsets made absolute."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: header entry '{key}' is {entry!r:.60}, expected an object.")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+        raise CheckpointError(f"{path}: tensor '{key}' has dtype {dtype!r:.60}, not a safetensors dtype.")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise CheckpointError(f"{path}: tensor '{key}' has shape {shape!r:.60}, expected a list of integers >= 0.")
+    if (
+        not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_index, offsets)))
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(
+            f"{path}: tensor '{key}' has data_offsets {offsets!r:.60}, expected [begin, end] with 0 <= begin <= end."
+        )
+    bits = math.prod(shape) * _DTYPE_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        needs = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits (not whole bytes)"
+        raise CheckpointError(
+            f"{path}: tensor '{key}' spans {offsets[1] - offsets[0]} bytes, but shape {shape} of {dtype} needs {needs}."
+        )
+    return TensorInfo(key, path, tuple(shape), dtype, data_start + offsets[0], data_start + offsets[1])
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Checkpoint:
@@ -110,9 +140,8 @@ class Checkpoint:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint folder (expected a directory with config.json).")
-        config = ModelConfig.from_dict(_read_json(path / "config.json"), str(path / "config.json"))
-        gen_path = path / "generation_config.json"
-        generation = _read_json(gen_path) if gen_path.exists() else {}
+        config = ModelConfig.from_dict(read_json(path / "config.json"), str(path / "config.json"))
+        generation = read_generation_config(path, config.vocab_size)
         tensors = _validated_tensors(path, config)
         return cls(path, config, generation, tensors)
 
@@ -123,7 +152,7 @@ class Checkpoint:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(torch.finfo(FLOAT_DTYPES[t.dtype]).bits // 8 * _numel(t.shape) for t in self.tensors.values())
+        return sum(torch.finfo(FLOAT_DTYPES[t.dtype]).bits // 8 * math.prod(t.shape) for t in self.tensors.values())
 
     def digest(self) -> str:
         """sha256 of config.json, generation_config.json and every weight file's header (names, dtypes,
@@ -164,24 +193,32 @@ class Checkpoint:
             yield name, t if dtype is None else t.to(dtype)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: missing or empty 'weight_map'.")
-        return sorted({path / str(f) for f in weight_map.values()})
+        return sorted({path / _shard_name(index, key, name) for key, name in weight_map.items()})
     single = path / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found.")
     return [single]
+
+
+def _shard_name(index: Path, key: str, name: Any) -> str:
+    """A weight_map file name, confined to the checkpoint folder.
+
+    Checked by its parts, not by resolving links: a Hugging Face cache snapshot links every file to a blob
+    outside the folder, and that is fine; a name that climbs out of the folder or is absolute is not.
+    """
+    if isinstance(name, str) and name and "\0" not in name:
+        relative = PurePath(name)
+        if not relative.is_absolute() and ".." not in relative.parts:
+            return name
+    raise CheckpointError(
+        f"{index}: weight_map['{key}'] is {name!r:.80}, expected the name of a file in the checkpoint folder."
+    )
 
 
 def _validated_tensors(path: Path, config: ModelConfig) -> dict[str, TensorInfo]:

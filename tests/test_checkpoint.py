@@ -11,8 +11,47 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import dgrt
 from dgrt.checkpoint import Checkpoint, expected_tensors, load_model
-from dgrt.errors import CheckpointError
+from dgrt.cli import main
+from dgrt.errors import CheckpointError, ConfigError, DgrtError
+from dgrt.runtime.sampler import SamplerConfig
+from dgrt.runtime.tokenizer import Tokenizer
+
+EMBED = "model.decoder.embed_tokens.weight"  # F32 [256, 64], the first tensor in the file
+NORM = "model.decoder.norm.weight"  # F32 [64]
+
+
+def broken_copy(tiny_ckpt: Path, tmp_path: Path, damage) -> Path:
+    """A copy of the tiny checkpoint after `damage(folder)`."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, path)
+    damage(path)
+    return path
+
+
+def edit_json(file: Path, **changes) -> None:
+    file.write_text(json.dumps(json.loads(file.read_text()) | changes))
+
+
+def edit_header(edit):
+    """A damage that rewrites model.safetensors' header with `edit(header)` (in place, returning None, or
+    returning a new header), keeping the data bytes as they are."""
+
+    def damage(path: Path) -> None:
+        file = path / "model.safetensors"
+        raw = file.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        header = header if (edited := edit(header)) is None else edited
+        text = json.dumps(header).encode()
+        file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+    return damage
+
+
+def write_index(path: Path, weight_map: dict) -> None:
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def copy_with_weights(src: Path, dst: Path, edit) -> Path:
@@ -91,8 +130,7 @@ def test_sharded_checkpoint(tmp_path: Path, tiny_ckpt: Path) -> None:
     halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     for name, ks in halves.items():
         save_file({k: weights[k] for k in ks}, str(shard / name), metadata={"format": "pt"})
-    index = {"weight_map": {k: name for name, ks in halves.items() for k in ks}}
-    (shard / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_index(shard, {k: name for name, ks in halves.items() for k in ks})
     a, b = load_model(tiny_ckpt), load_model(shard)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
@@ -123,7 +161,12 @@ def test_tensors_are_read_lazily(tiny_ckpt: Path) -> None:
             lambda p: (p / "model.safetensors").unlink(),
             "no model.safetensors or model.safetensors.index.json",
         ),
-        (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 100), "not a readable safetensors file"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 100),
+            "model.safetensors: not a readable safetensors file",
+        ),
+        (lambda p: (p / "config.json").write_bytes(b'{"model_type": "\xff"}'), "config.json: not UTF-8 text (byte 16"),
+        (lambda p: (p / "config.json").write_text("[]"), "config.json: expected a JSON object, found []"),
     ],
 )
 def test_broken_folders_give_one_clear_error(tmp_path: Path, tiny_ckpt: Path, damage, message: str) -> None:
@@ -132,3 +175,223 @@ def test_broken_folders_give_one_clear_error(tmp_path: Path, tiny_ckpt: Path, da
     damage(path)
     with pytest.raises(CheckpointError, match=re.escape(message)):
         Checkpoint.open(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            edit_header(lambda h: list(h.values())),
+            "model.safetensors: not a readable safetensors file (its header is not a JSON",
+        ),
+        # byte ranges that do not match shape x dtype: `inspect` used to pass these, then export crashed
+        (
+            edit_header(lambda h: h[NORM].update(dtype="F16")),
+            f"tensor '{NORM}' spans 256 bytes, but shape [64] of F16 needs 128 bytes",
+        ),
+        (
+            edit_header(lambda h: h[NORM].update(shape=[32])),
+            f"tensor '{NORM}' spans 256 bytes, but shape [32] of F32 needs 128 bytes",
+        ),
+        (edit_header(lambda h: h[NORM].update(shape=[-64])), f"tensor '{NORM}' has shape [-64], expected a list of"),
+        (edit_header(lambda h: h[NORM].update(shape=["64"])), f"tensor '{NORM}' has shape ['64'], expected a list of"),
+        (edit_header(lambda h: h[NORM].update(shape=64)), f"tensor '{NORM}' has shape 64, expected a list of integers"),
+        (
+            edit_header(lambda h: h[EMBED].update(data_offsets=[0])),
+            f"tensor '{EMBED}' has data_offsets [0], expected [begin, end] with 0 <= begin <= end",
+        ),
+        (
+            edit_header(lambda h: h[EMBED].update(data_offsets=[65536, 0])),
+            f"tensor '{EMBED}' has data_offsets [65536, 0], expected [begin, end]",
+        ),
+        (
+            edit_header(lambda h: h[EMBED].update(data_offsets=["0", "65536"])),
+            f"tensor '{EMBED}' has data_offsets ['0', '65536'], expected [begin, end]",
+        ),
+        (
+            edit_header(lambda h: h.update({NORM: {"dtype": "F32", "shape": [64]}})),
+            f"tensor '{NORM}' has data_offsets None, expected",
+        ),
+        (edit_header(lambda h: h[NORM].update(dtype="F7")), f"tensor '{NORM}' has dtype 'F7', not a safetensors dtype"),
+        (edit_header(lambda h: h[NORM].update(dtype=["F32"])), f"tensor '{NORM}' has dtype ['F32'], not a"),
+        (edit_header(lambda h: h.update({NORM: [0, 256]})), f"header entry '{NORM}' is [0, 256], expected an object"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes() + bytes(4)),
+            "model.safetensors: the tensors end at byte ",
+        ),
+    ],
+)
+def test_malformed_safetensors_header_is_named(tmp_path: Path, tiny_ckpt: Path, damage, message: str) -> None:
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        Checkpoint.open(broken_copy(tiny_ckpt, tmp_path, damage))
+
+
+def test_overlapping_tensors_are_refused(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """A vision key (skipped by dgrt) that points at a text tensor's bytes: used to be accepted."""
+    bad = broken_copy(tiny_ckpt, tmp_path, edit_header(lambda h: h.update({"model.encoder.vision_tower.x": h[NORM]})))
+    message = (
+        r"tensor 'model\.encoder\.vision_tower\.x' \(bytes \d+-\d+\) overlaps tensor 'model\.decoder\.norm\.weight'"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint.open(bad)
+
+
+def every_tensor_in(file: str):
+    """A damage: an index that maps every tensor of the folder's model.safetensors to `file`."""
+
+    def damage(path: Path) -> None:
+        write_index(path, dict.fromkeys(load_file(path / "model.safetensors"), file))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (every_tensor_in("../outside.safetensors"), "is '../outside.safetensors', expected the name of a file"),
+        (every_tensor_in("shards/../../outside.safetensors"), "'shards/../../outside.safetensors', expected the name"),
+        (every_tensor_in(5), "is 5, expected the name of a file in the checkpoint folder"),
+        (every_tensor_in(""), "is '', expected the name of a file in the checkpoint folder"),
+        (lambda p: write_index(p, []), "model.safetensors.index.json: missing or empty 'weight_map'"),
+        (
+            lambda p: (p / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xe9": 1}}'),
+            "model.safetensors.index.json: not UTF-8 text",
+        ),
+    ],
+)
+def test_weight_map_stays_in_the_checkpoint_folder(tmp_path: Path, tiny_ckpt: Path, damage, message: str) -> None:
+    # A valid weights file just outside the folder: a weight_map naming it must not be read.
+    shutil.copy(tiny_ckpt / "model.safetensors", tmp_path / "outside.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        Checkpoint.open(broken_copy(tiny_ckpt, tmp_path, damage))
+
+
+def test_weight_map_with_an_absolute_path_is_refused(tmp_path: Path, tiny_ckpt: Path) -> None:
+    outside = str(tiny_ckpt / "model.safetensors")  # readable and valid, but not in the folder
+    bad = broken_copy(tiny_ckpt, tmp_path, every_tensor_in(outside))
+    with pytest.raises(CheckpointError, match=re.escape(f"is '{outside}', expected the name of a file in the")):
+        Checkpoint.open(bad)
+
+
+def test_shard_in_a_subfolder_and_symlinked_shards_are_fine(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """Hugging Face cache snapshots link each file to a blob outside the folder: only names are confined."""
+    path = broken_copy(tiny_ckpt, tmp_path, every_tensor_in("shards/part.safetensors"))
+    (path / "model.safetensors").rename(tmp_path / "blob")
+    (path / "shards").mkdir()
+    (path / "shards" / "part.safetensors").symlink_to(tmp_path / "blob")
+    assert torch.equal(Checkpoint.open(path).tensor(NORM), Checkpoint.open(tiny_ckpt).tensor(NORM))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_new_tokens": "abc"}, "generation_config.json: 'max_new_tokens' is 'abc', expected a positive integer"),
+        ({"eos_token_id": [1, 300]}, "generation_config.json: 'eos_token_id' is [1, 300], expected a token id or a"),
+        ({"pad_token_id": 256}, "generation_config.json: 'pad_token_id' is 256, expected an integer from 0 to 255"),
+        ({"sampler_config": 5}, "generation_config.json: 'sampler_config' is 5, expected an object"),
+    ],
+)
+def test_malformed_generation_config_is_named(tmp_path: Path, tiny_ckpt: Path, changes: dict, message: str) -> None:
+    bad = broken_copy(tiny_ckpt, tmp_path, lambda p: edit_json(p / "generation_config.json", **changes))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Checkpoint.open(bad)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dgrt.load(bad, backend="torch")
+
+
+def test_null_sampler_settings_keep_the_defaults(tmp_path: Path, tiny_ckpt: Path) -> None:
+    nulls = dict.fromkeys(("t_min", "t_max", "max_denoising_steps", "sampler_config", "max_new_tokens"))
+    path = broken_copy(tiny_ckpt, tmp_path, lambda p: edit_json(p / "generation_config.json", **nulls))
+    gen = dgrt.load(path, backend="torch")
+    assert gen.sampler == SamplerConfig() and gen.max_new_tokens == 256
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: (p / "tokenizer.json").write_text("[]"), "tokenizer.json: not a tokenizer the tokenizers library"),
+        (lambda p: (p / "tokenizer.json").write_bytes(b"\xff"), "tokenizer.json: not a tokenizer the tokenizers"),
+        (
+            lambda p: edit_json(p / "tokenizer_config.json", chat_template=5),
+            "tokenizer_config.json: 'chat_template' is 5, expected a Jinja template string",
+        ),
+        (
+            lambda p: edit_json(p / "tokenizer_config.json", chat_template="{% for %}"),
+            "tokenizer_config.json: 'chat_template' is not a valid Jinja template",
+        ),
+        (
+            lambda p: edit_json(p / "tokenizer_config.json", bos_token=2),
+            "tokenizer_config.json: 'bos_token' is 2, expected a string",
+        ),
+        (
+            lambda p: (p / "tokenizer_config.json").write_text('["<bos>"]'),
+            "tokenizer_config.json: expected a JSON object, found ['<bos>']",
+        ),
+        (
+            lambda p: (p / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xff"}'),
+            "tokenizer_config.json: not UTF-8 text (byte 15",
+        ),
+    ],
+)
+def test_broken_tokenizer_files_are_one_sentence(tmp_path: Path, tiny_ckpt: Path, damage, message: str) -> None:
+    bad = broken_copy(tiny_ckpt, tmp_path, damage)
+    with pytest.raises(DgrtError, match=re.escape(message)):
+        Tokenizer.from_dir(bad)
+
+
+def test_tokenizer_config_in_transformers_other_layouts(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """Special tokens as AddedToken objects and a list of named chat templates render as the plain form does."""
+    config = json.loads((tiny_ckpt / "tokenizer_config.json").read_text())
+    named = [{"name": "tool_use", "template": "{{ 0 }}"}, {"name": "default", "template": config["chat_template"]}]
+    other = broken_copy(
+        tiny_ckpt,
+        tmp_path,
+        lambda p: edit_json(p / "tokenizer_config.json", chat_template=named, bos_token={"content": "<bos>"}),
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    expected = Tokenizer.from_dir(tiny_ckpt).apply_chat_template(messages)
+    assert Tokenizer.from_dir(other).apply_chat_template(messages) == expected
+
+
+def test_chat_template_that_fails_on_messages_is_one_sentence(tmp_path: Path, tiny_ckpt: Path) -> None:
+    path = broken_copy(
+        tiny_ckpt, tmp_path, lambda p: edit_json(p / "tokenizer_config.json", chat_template="{{ messages + 1 }}")
+    )
+    with pytest.raises(DgrtError, match=r"the chat template failed on these messages \(TypeError: "):
+        Tokenizer.from_dir(path).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    ("command", "damage", "message"),
+    [
+        (
+            ["inspect", "{ckpt}"],
+            lambda p: edit_json(p / "config.json", canvas_length=None),
+            "config.json: 'canvas_length' is None",
+        ),
+        (
+            ["inspect", "{ckpt}"],
+            lambda p: edit_json(p / "generation_config.json", eos_token_id="x"),
+            "generation_config.json: 'eos_token_id' is 'x'",
+        ),
+        (["inspect", "{ckpt}"], edit_header(lambda h: list(h)), "model.safetensors: not a readable safetensors file"),
+        (
+            ["export", "{ckpt}", "-o", "{tmp}/out"],
+            edit_header(lambda h: h[NORM].update(dtype="BF16")),
+            f"tensor '{NORM}' spans",
+        ),
+        (
+            ["generate", "{ckpt}", "hello"],
+            lambda p: edit_json(p / "tokenizer_config.json", chat_template=["x"]),
+            "tokenizer_config.json: 'chat_template' is ['x'], expected a Jinja template string",
+        ),
+    ],
+)
+def test_cli_prints_one_error_line(tmp_path: Path, tiny_ckpt: Path, capsys, command, damage, message: str) -> None:
+    bad = broken_copy(tiny_ckpt, tmp_path, damage)
+    assert main([arg.format(ckpt=bad, tmp=tmp_path) for arg in command]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.startswith(f"dgrt: error: {bad}")
+    assert message in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
