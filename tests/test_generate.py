@@ -8,22 +8,29 @@ uniform number per position, taken from that same stream in the same order.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 import dgrt
+from dgrt.cli import main
+from dgrt.runtime.generator import Generator
 from dgrt.validate import inverse_cdf_multinomial
-
-transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
 
 STEPS = 8
 PROMPTS = torch.tensor([[2, 17, 33, 49, 65, 81, 97, 113, 129, 145, 161, 177], [2, 9, 8, 7, 6, 5, 4, 3, 22, 23, 24, 25]])
+FAST = {"steps": 2, "max_new_tokens": 16}
 
 
 def reference_generate(path: Path, ids: torch.Tensor, seed: int, **kwargs):
-    """transformers' generate with dgrt's sampling draw; returns (new tokens, tokens_per_forward, output)."""
+    """transformers' generate with dgrt's sampling draw; returns (new tokens, tokens_per_forward, output).
+    Tests that call it skip without transformers; the others need only dgrt."""
+    transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
     model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
     with inverse_cdf_multinomial(), torch.inference_mode():
         torch.manual_seed(seed)
@@ -162,23 +169,123 @@ def test_streaming_yields_drafts_then_canvases(exports: dict[str, Path]) -> None
     assert events[3].tokens.shape == (1, 16)
 
 
+@pytest.fixture(scope="module")
+def tiny(exports: dict[str, Path]) -> Generator:
+    return dgrt.load(exports["tiny"])
+
+
 @pytest.mark.parametrize(
     ("prompt", "options", "message"),
     [
-        ("", {}, "the prompt is empty"),
-        ([], {}, "no prompt given"),
-        ([5, 999], {}, "token id 999 is outside the vocabulary (0 to 255)"),
+        ("", {}, "the prompt is empty."),
+        ([], {}, "no prompt given."),
+        (["hi", []], {}, "the prompt is empty."),
+        ([5, 999], {}, "token id 999 is outside the vocabulary (0 to 255)."),
         ("x" * 5000, {}, "exceeds the 4096 tokens this model supports"),
-        ("hi", {"steps": 0}, "steps is 0, expected a positive integer"),
-        ("hi", {"max_new_tokens": 0}, "max_new_tokens is 0"),
+        (b"hi", {}, "a batch is a list of prompts or a 2-D integer array or tensor; got bytes."),
+        ([1.0, 2.0], {}, "; got a list of float."),
+        ([1, "a"], {}, "; got a list of int, str."),
+        ([True, 1], {}, "; got a list of bool, int."),
+        (np.array([1.0, 2.0]), {}, "; got a 1-D float64 numpy array."),
+        (torch.tensor([[True]]), {}, "; got a 1-D bool torch tensor."),
+        (np.zeros((1, 1, 1), dtype=np.int64), {}, "; got a 3-D int64 numpy array."),
+        ({"role": "user", "content": "hi"}, {}, "; got dict."),
+        ([{"role": "user", "content": 5}], {}, "chat message 0 is {'role': 'user', 'content': 5}, expected a dict"),
+        ("a\ud800", {}, "the prompt holds '\\ud800' at character 1, a lone surrogate that the tokenizer cannot encode"),
+        ([{"role": "user", "content": "\udcff"}], {}, "chat message 0 holds '\\udcff' at character 0"),
+        ("hi", {"steps": 0}, "steps is 0, expected an integer from 1 to 10000."),
+        ("hi", {"steps": "3"}, "steps is '3', expected an integer from 1 to 10000."),
         ("hi", {"t_min": 0.9}, "expected 0 <= t_min < t_max"),
-        ("hi", {"temperature": 1.0}, "unknown sampler setting(s) ['temperature']"),
+        ("hi", {"t_max": float("inf")}, "t_max is inf, expected a finite number."),
+        ("hi", {"steps": 4, "stability_threshold": 10**9}, "expected an integer from 0 to 4 (steps), or None;"),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens is 0, expected an integer from 1 to 4096 (the model's context)."),
+        ("hi", {"max_new_tokens": 2.5}, "max_new_tokens is 2.5, expected an integer"),
+        ("hi", {"seed": 2**64}, "seed is 18446744073709551616, expected an integer from 0 to 2**63 - 1"),
+        ("hi", {"seed": -1}, "seed is -1, expected an integer from 0 to 2**63 - 1"),
+        ("hi", {"seed": 1.0}, "seed is 1.0, expected an integer"),
+        ("hi", {"seed": True}, "seed is True, expected an integer"),
+        ("hi", {"eos_token_id": [1, 256]}, "eos_token_id is 256, expected a token id (an integer from 0 to 255)"),
+        ("hi", {"pad_token_id": -1}, "pad_token_id is -1, expected a token id (an integer from 0 to 255), or None."),
+        ("hi", {"chat": "no"}, "chat is 'no', expected True"),
+        ("hi", {"on_event": 3}, "on_event is 3, expected a callable"),
+        ("hi", {"temperature": 1.0}, "unknown option(s) ['temperature']; the accepted options are on_event, max_new"),
+        ("hi", {"sesion": None}, "unknown option(s) ['sesion']"),
     ],
 )
-def test_bad_requests_give_one_clear_error(exports: dict[str, Path], prompt, options, message: str) -> None:
+def test_bad_requests_give_one_clear_error(tiny: Generator, prompt: Any, options: dict[str, Any], message: str) -> None:
     with pytest.raises(dgrt.errors.DgrtError) as err:
-        dgrt.load(exports["tiny"]).generate(prompt, **options)
+        tiny.generate(prompt, **options)
     assert message in str(err.value)
+
+
+def test_stream_checks_its_arguments_when_called(tiny: Generator) -> None:
+    with pytest.raises(
+        dgrt.errors.DgrtError, match=r"unknown option\(s\) \['on_event'\]; the accepted options are max"
+    ):
+        tiny.stream("hi", on_event=print)  # not iterated: the error comes from the call itself
+    with pytest.raises(dgrt.errors.DgrtError, match="a session continues one conversation; pass one prompt"):
+        tiny.session().stream(["a", "b"])
+
+
+def test_token_ids_may_be_lists_tuples_arrays_or_tensors(tiny: Generator) -> None:
+    ids = [2, 50, 51, 52]
+    expected = tiny.generate([ids, ids], seed=3, **FAST).tokens
+    for batch in (
+        [tuple(ids), np.array(ids)],
+        torch.tensor([ids, ids]),
+        np.array([ids, ids], dtype=np.int32),
+        [torch.tensor(ids), [np.int64(t) for t in ids]],
+    ):
+        assert tiny.generate(batch, seed=np.int64(3), **FAST).tokens == expected
+    alone = tiny.generate(ids, seed=3, **FAST).tokens  # a batch of one draws other random numbers
+    for prompt in (tuple(ids), np.array(ids, dtype=np.uint8), torch.tensor(ids)):
+        assert tiny.generate(prompt, seed=3, **FAST).tokens == alone
+
+
+def test_chat_messages_are_the_templated_text(tiny: Generator) -> None:
+    text = tiny.generate("Sort: cba", seed=0, **FAST).tokens
+    assert tiny.generate([{"role": "user", "content": "Sort: cba"}], seed=0, **FAST).tokens == text
+    assert tiny.generate("Sort: cba", seed=0, chat=False, **FAST).tokens != text
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_one_text_plain_and_heads_each_row_of_a_batch(
+    exports: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = (str(exports["tiny"]), "--steps", "2", "--max-new-tokens", "16", "--seed", "1")
+    code, out, _ = cli(capsys, *args, "Hi", "Bye", "--json")
+    texts = json.loads(out)["texts"]
+    assert code == 0 and len(texts) == 2
+    assert cli(capsys, *args, "Hi", "Bye")[:2] == (0, f"--- [0]\n{texts[0]}\n--- [1]\n{texts[1]}\n")
+    [text] = json.loads(cli(capsys, *args, "Hi", "--json")[1])["texts"]
+    assert cli(capsys, *args, "Hi")[:2] == (0, f"{text}\n")
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "as JSON, the format to parse" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hi", "--stability-threshold", "1000000000"], "stability_threshold is 1000000000, expected an integer"),
+        (["hi", "--seed", "18446744073709551616"], "seed is 18446744073709551616, expected an integer from 0 to"),
+        (["hi", "--t-max", "inf"], "t_max is inf, expected a finite number."),
+        (["hi", "--t-min", "nan"], "t_min is nan, expected a finite number."),
+        (["hi", "--eos-id", "1", "100000"], "eos_token_id is 100000, expected a token id"),
+        ([os.fsdecode(b"caf\xe9")], "the prompt holds '\\udce9' at character 3, a lone surrogate"),  # not UTF-8
+    ],
+)
+def test_cli_out_of_range_numbers_and_undecodable_text_are_one_error_line(
+    exports: dict[str, Path], capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, out, err = cli(capsys, str(exports["tiny"]), *args)
+    assert (code, out) == (2, "") and err.startswith("dgrt: error: ") and err.count("\n") == 1
+    assert message in err
 
 
 @pytest.mark.parametrize(

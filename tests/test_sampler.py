@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
+from dgrt.errors import DgrtError
 from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas
 
-hf = pytest.importorskip(
-    "transformers.models.diffusion_gemma.generation_diffusion_gemma", reason="the reference extra is needed"
-)
+
+@pytest.fixture
+def hf() -> ModuleType:
+    """transformers' DiffusionGemma generation classes (the tests that need them skip without them)."""
+    return pytest.importorskip(
+        "transformers.models.diffusion_gemma.generation_diffusion_gemma", reason="the reference extra is needed"
+    )
 
 
-def test_temperature_schedule_is_bit_identical() -> None:
+def test_temperature_schedule_is_bit_identical(hf: ModuleType) -> None:
     cfg = SamplerConfig(steps=48, t_min=0.4, t_max=0.8)
     schedule = hf.LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=48)
     logits = torch.randn(1, 4, 8)
@@ -21,7 +30,7 @@ def test_temperature_schedule_is_bit_identical() -> None:
         assert torch.equal(logits / cfg.temperature(step), ref)
 
 
-def test_acceptance_matches_entropy_bound_sampler() -> None:
+def test_acceptance_matches_entropy_bound_sampler(hf: ModuleType) -> None:
     gen = torch.Generator().manual_seed(0)
     sampler = hf.EntropyBoundSampler(
         hf.EntropyBoundSamplerConfig(entropy_bound=0.1), vocab_size=50, canvas_length=16, max_denoising_steps=8
@@ -36,7 +45,7 @@ def test_acceptance_matches_entropy_bound_sampler() -> None:
 
 
 @pytest.mark.parametrize("stability", [0, 1, 2])
-def test_adaptive_stop_matches_stable_and_confident(stability: int) -> None:
+def test_adaptive_stop_matches_stable_and_confident(hf: ModuleType, stability: int) -> None:
     gen = torch.Generator().manual_seed(stability)
     ref = hf.StableAndConfidentStoppingCriteria(stability_threshold=stability, confidence_threshold=1.0)
     ours = AdaptiveStop(stability, 1.0, batch=4, canvas=6)
@@ -65,3 +74,43 @@ def test_generation_config_defaults() -> None:
         {"max_denoising_steps": 16, "sampler_config": {"entropy_bound": 0.2}, "confidence_threshold": None}
     )
     assert (cfg.steps, cfg.entropy_bound, cfg.t_max, cfg.confidence_threshold) == (16, 0.2, 0.8, 0.005)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 0}, "steps is 0, expected an integer from 1 to 10000."),
+        ({"steps": 10**6}, "steps is 1000000, expected an integer from 1 to 10000."),
+        ({"steps": "8"}, "steps is '8', expected an integer from 1 to 10000."),
+        ({"steps": 8.0}, "steps is 8.0, expected an integer"),
+        ({"steps": True}, "steps is True, expected an integer"),
+        ({"t_max": float("inf")}, "t_max is inf, expected a finite number."),
+        ({"t_min": float("nan")}, "t_min is nan, expected a finite number."),
+        ({"t_min": "0.4"}, "t_min is '0.4', expected a finite number."),
+        ({"t_min": 0.9}, "t_min=0.9, t_max=0.8: expected 0 <= t_min < t_max."),
+        ({"t_min": -0.1}, "expected 0 <= t_min < t_max."),
+        ({"t_max": 1e39}, "give float32 temperatures from inf to inf; expected positive finite ones"),
+        ({"t_min": 0, "t_max": 1e-46}, "give float32 temperatures from 0.0 to 0.0"),
+        ({"entropy_bound": 0}, "entropy_bound is 0, expected a finite positive number."),
+        ({"entropy_bound": float("nan")}, "entropy_bound is nan"),
+        ({"stability_threshold": 10**9}, "stability_threshold is 1000000000, expected an integer from 0 to 48 (steps)"),
+        ({"steps": 4, "stability_threshold": 5}, "a longer history of unchanged steps can never be satisfied."),
+        ({"stability_threshold": -1}, "stability_threshold is -1, expected an integer from 0 to 48"),
+        ({"confidence_threshold": 0.0}, "confidence_threshold is 0.0, expected a finite positive number, or None."),
+        ({"confidence_threshold": float("inf")}, "confidence_threshold is inf"),
+    ],
+)
+def test_out_of_range_settings_are_refused_with_the_accepted_range(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(DgrtError) as err:
+        SamplerConfig().with_overrides(**settings)
+    assert message in str(err.value)
+
+
+def test_checked_settings_are_plain_python_numbers() -> None:
+    cfg = SamplerConfig().with_overrides(steps=np.int64(8), t_max=np.float32(0.5), stability_threshold=8)
+    assert (cfg.steps, cfg.t_max, cfg.stability_threshold) == (8, 0.5, 8)
+    assert type(cfg.steps) is int and type(cfg.t_max) is float
+    assert SamplerConfig().with_overrides(stability_threshold=None).adaptive is False
+    with pytest.raises(DgrtError, match=r"unknown sampler setting\(s\) \['temprature'\]"):
+        SamplerConfig().with_overrides(temprature=1.0)
+

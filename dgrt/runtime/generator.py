@@ -14,22 +14,36 @@ fixed order (canvas, then per step the sampling uniforms and the renoise tokens)
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as PyGenerator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, fields
+from numbers import Integral
 from typing import Any
 
+import numpy as np
 import torch
 
-from dgrt.errors import DgrtError
+from dgrt.errors import MAX_SEED, DgrtError
 from dgrt.runtime.backends import Backend, DenoiseInputs
 from dgrt.runtime.kv_cache import KVCache, LayerShape
-from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas
+from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas, show
 from dgrt.runtime.tokenizer import Tokenizer
 
 Message = dict[str, str]
-Prompt = str | Sequence[Message] | Sequence[int]
+Prompt = str | Sequence[Message] | Sequence[int] | np.ndarray | torch.Tensor
+
+PROMPT_TYPES = (
+    "a prompt is a str, a list of chat messages (dicts with str 'role' and 'content'), a list or tuple of int "
+    "token ids, or a 1-D integer numpy array or torch tensor, and a batch is a list of prompts or a 2-D integer "
+    "array or tensor"
+)
+SAMPLER_OPTIONS = tuple(f.name for f in fields(SamplerConfig))
+STREAM_OPTIONS = ("max_new_tokens", "seed", "chat", "eos_token_id", "pad_token_id", *SAMPLER_OPTIONS)
+GENERATE_OPTIONS = ("on_event", *STREAM_OPTIONS)
+
 
 
 @dataclass(frozen=True)
@@ -96,8 +110,23 @@ class GenerationResult:
 Event = StepEvent | CanvasEvent
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One call's arguments, checked: prompt rows as token ids, and every option resolved."""
+
+    rows: list[list[int]]
+    sampler: SamplerConfig
+    max_new_tokens: int
+    seed: int
+    eos: list[int]
+    pad_id: int | None
+
+
 class Generator:
-    """Runs block diffusion on a backend. Holds the KV cache, allocated once at the size calls need."""
+    """Runs block diffusion on a backend. Holds the KV cache, allocated once at the size calls need.
+
+    Threads may share one Generator (and its sessions): calls run one at a time, each as it would alone.
+    """
 
     def __init__(
         self,
@@ -113,10 +142,19 @@ class Generator:
         self.eos_token_id: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
         self.pad_token_id: int | None = generation_config.get("pad_token_id", info.pad_token_id)
         self._cache: KVCache | None = None
+        # Calls are serialised: from its prefill to its last canvas a call owns the KV cache, the backend's
+        # IO bindings and output buffers (and on a GPU its captured graphs), so giving each concurrent call
+        # copies of these would multiply the memory a loaded model holds by the number of threads, for no
+        # gain on a device that runs one graph at a time anyway. A plain Lock (not an RLock): a stream may
+        # be closed or garbage-collected on another thread than the one that opened it, and re-entry from
+        # the owning thread must be an error (see _exclusive), not a silent nested call over its cache.
+        self._lock = threading.Lock()
+        self._owner: threading.Thread | None = None
 
     def close(self) -> None:
-        self.backend.close()
-        self._cache = None
+        with self._exclusive():
+            self.backend.close()
+            self._cache = None
 
     def __enter__(self) -> Generator:
         return self
@@ -127,48 +165,132 @@ class Generator:
     # -- public API ---------------------------------------------------------------------------------
 
     def generate(self, prompts: Prompt | Sequence[Prompt], **options: Any) -> GenerationResult:
-        """Generate for one prompt or a batch. See `stream` for the options; `on_event` is called with
-        every StepEvent and CanvasEvent."""
-        on_event: Callable[[Event], None] | None = options.pop("on_event", None)
-        stream = self._run(prompts, **options)
-        while True:
-            try:
-                event = next(stream)
-            except StopIteration as done:
-                return done.value
-            if on_event is not None:
-                on_event(event)
+        """Generate for one prompt or a batch. See `stream` for the prompts and options; also `on_event`,
+        a callable called with every StepEvent and CanvasEvent (it must not call this Generator)."""
+        return self._generate(prompts, options, None)
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], **options: Any) -> Iterator[Event]:
+    def stream(self, prompts: Prompt | Sequence[Prompt], **options: Any) -> PyGenerator[Event, None, GenerationResult]:
         """Yield a StepEvent after each denoise step and a CanvasEvent after each canvas.
 
-        options: max_new_tokens, seed, chat (apply the chat template to str prompts, default True),
-        eos_token_id, pad_token_id, and the sampler settings steps, t_min, t_max, entropy_bound,
-        stability_threshold, confidence_threshold (None disables adaptive stopping).
+        prompts: a str (the chat template is applied unless chat=False), a list of chat messages (dicts
+        with str "role" and "content"), token ids (a list or tuple of ints, or a 1-D integer numpy array or
+        torch tensor), or a batch: a list of any of these, or a 2-D integer array or tensor. Anything else
+        (bytes, floats, bools) is refused, as is text with a lone surrogate (the tokenizer cannot encode it).
+
+        options (unknown names are refused): max_new_tokens (a positive int), seed (0 to 2**63 - 1; None
+        draws one), chat (bool, default True), eos_token_id (an id, a list of ids, or None for no EOS),
+        pad_token_id (an id or None), and the sampler settings steps (1 to 10000), t_min, t_max
+        (0 <= t_min < t_max), entropy_bound (> 0), stability_threshold (0 to steps) and
+        confidence_threshold (> 0); either threshold None turns adaptive stopping off. Options are checked
+        when stream is called.
+
+        The stream holds the Generator from its first event until it is exhausted, closed or
+        garbage-collected: other threads' calls wait meanwhile, and this thread's are refused.
         """
-        yield from self._run(prompts, **options)
+        return self._stream(prompts, options, None)
+
+    def session(self, max_context: int | None = None) -> Session:
+        """A conversation (one row) whose turns continue from the KV cache of the previous ones."""
+        if max_context is not None and (not _is_int(max_context) or max_context < 1):
+            raise DgrtError(f"max_context is {show(max_context)}, expected a positive integer or None (the model's).")
+        capacity = min(max_context or self.info.max_context, self.info.max_context)
+        return Session(self, KVCache(self.info.layers, 1, capacity, capacity, self.backend.dtype, self.backend.device))
+
+    # -- one call, serialised -----------------------------------------------------------------------
+
+    def _generate(self, prompts: Any, options: dict[str, Any], session: Session | None) -> GenerationResult:
+        on_event = options.pop("on_event", None)
+        if on_event is not None and not callable(on_event):
+            raise DgrtError(f"on_event is {show(on_event)}, expected a callable taking each event, or None.")
+        # Closed explicitly: if on_event raises, the caller's traceback keeps this frame (and an unclosed
+        # stream, which would keep holding the Generator) alive.
+        with closing(self._stream(prompts, options, session, GENERATE_OPTIONS)) as events:
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as done:
+                    return done.value
+                if on_event is not None:
+                    on_event(event)
+
+    def _stream(
+        self,
+        prompts: Any,
+        options: dict[str, Any],
+        session: Session | None,
+        accepted: tuple[str, ...] = STREAM_OPTIONS,
+    ) -> PyGenerator[Event, None, GenerationResult]:
+        request = self._request(prompts, options, session, accepted)  # checked now, not at the first event
+        return self._serialised(request, session)
+
+    def _serialised(self, request: _Request, session: Session | None) -> PyGenerator[Event, None, GenerationResult]:
+        with self._exclusive():
+            return (yield from self._run(request, session))
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the Generator for one call (see __init__). The owner check needs no lock: only this
+        thread can have made itself the owner."""
+        me = threading.current_thread()
+        if self._owner is me:
+            raise DgrtError(
+                "this thread has a stream open on this model (or is inside an on_event callback); "
+                "finish or close() that stream before making another call."
+            )
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def _request(
+        self, prompts: Any, options: dict[str, Any], session: Session | None, accepted: tuple[str, ...]
+    ) -> _Request:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise DgrtError(f"unknown option(s) {unknown}; the accepted options are {', '.join(accepted)}.")
+        chat = options.get("chat", True)
+        if not isinstance(chat, bool):
+            raise DgrtError(f"chat is {show(chat)}, expected True (apply the chat template to text) or False.")
+        rows = [self._encode(p, chat) for p in _as_batch(prompts)]
+        if session is not None and len(rows) != 1:
+            raise DgrtError("a session continues one conversation; pass one prompt.")
+        sampler_options = {k: v for k, v in options.items() if k in SAMPLER_OPTIONS}
+        max_new, seed = options.get("max_new_tokens"), options.get("seed")
+        eos = options.get("eos_token_id", self.eos_token_id)
+        pad_id = options.get("pad_token_id", self.pad_token_id)
+        return _Request(
+            rows=rows,
+            sampler=self.sampler.with_overrides(**sampler_options) if sampler_options else self.sampler,
+            max_new_tokens=self.max_new_tokens if max_new is None else self._max_new_tokens(max_new),
+            seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else _seed(seed),
+            eos=[
+                self._token_id("eos_token_id", t, ", a list of them, or None")
+                for t in ([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])
+            ],
+            pad_id=None if pad_id is None else self._token_id("pad_token_id", pad_id, ", or None"),
+        )
+
+    def _max_new_tokens(self, value: Any) -> int:
+        top = self.info.max_context
+        if not _is_int(value) or not 1 <= value <= top:
+            raise DgrtError(
+                f"max_new_tokens is {show(value)}, expected an integer from 1 to {top} (the model's context)."
+            )
+        return int(value)
+
+    def _token_id(self, name: str, value: Any, alternatives: str) -> int:
+        top = self.info.vocab_size - 1
+        if not _is_int(value) or not 0 <= value <= top:
+            raise DgrtError(f"{name} is {show(value)}, expected a token id (an integer from 0 to {top}){alternatives}.")
+        return int(value)
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def _run(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        *,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        chat: bool = True,
-        eos_token_id: int | Sequence[int] | None = ...,  # type: ignore[assignment]
-        pad_token_id: int | None = ...,  # type: ignore[assignment]
-        session: Session | None = None,
-        **sampler_options: Any,
-    ) -> PyGenerator[Event, None, GenerationResult]:
-        sampler = self.sampler.with_overrides(**sampler_options) if sampler_options else self.sampler
-        rows = [self._encode(p, chat) for p in _as_batch(prompts)]
-        eos = self.eos_token_id if eos_token_id is ... else _id_list(eos_token_id)
-        pad_id = self.pad_token_id if pad_token_id is ... else pad_token_id
-        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new < 1:
-            raise DgrtError(f"max_new_tokens is {max_new}, expected a positive integer.")
+    def _run(self, request: _Request, session: Session | None) -> PyGenerator[Event, None, GenerationResult]:
+        rows, sampler, max_new = request.rows, request.sampler, request.max_new_tokens
+        eos, pad_id = request.eos, request.pad_id
         info, c, b = self.info, self.info.canvas_length, len(rows)
         n_canvases = math.ceil(max_new / c)
         if session is None:
@@ -180,8 +302,6 @@ class Generator:
                 ids[i, p - len(r) :] = torch.tensor(r, dtype=torch.int64)
             cache = self._cache_for(b, min(p + n_canvases * c, info.max_context))
         else:  # continue the conversation: the last canvas (not cached yet), then the new prompt
-            if b != 1:
-                raise DgrtError("a session continues one conversation; pass one prompt.")
             ids = torch.tensor([session.pending + rows[0]], dtype=torch.int64)
             pad, cache = torch.zeros(1, dtype=torch.int64), session.cache
         needed = cache.length + ids.shape[1] + n_canvases * c
@@ -191,9 +311,7 @@ class Generator:
                 f"of {c} exceeds the {min(info.max_context, cache.capacity)} tokens this model supports; "
                 "shorten the prompt or lower max_new_tokens."
             )
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(request.seed)
 
         positions = (cache.length + torch.arange(ids.shape[1])[None] - pad[:, None]).clamp(min=0)
         t0 = time.perf_counter()
@@ -266,13 +384,8 @@ class Generator:
             tokens_per_forward=(valid / passes.clamp(min=1)).tolist(),
             prefill_seconds=prefill_seconds,
             step_seconds=step_seconds,
-            seed=seed,
+            seed=request.seed,
         )
-
-    def session(self, max_context: int | None = None) -> Session:
-        """A conversation (one row) whose turns continue from the KV cache of the previous ones."""
-        capacity = min(max_context or self.info.max_context, self.info.max_context)
-        return Session(self, KVCache(self.info.layers, 1, capacity, capacity, self.backend.dtype, self.backend.device))
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -287,18 +400,28 @@ class Generator:
         cache.reset()
         return cache
 
-    def _encode(self, prompt: Prompt, chat: bool) -> list[int]:
+    def _encode(self, prompt: Any, chat: bool) -> list[int]:
+        """One prompt (see `stream`) -> token ids within the vocabulary."""
         if isinstance(prompt, str):
             if not prompt:
                 raise DgrtError("the prompt is empty.")
+            _check_text(prompt, "the prompt")
             tok = self._require_tokenizer()
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-        elif prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self._require_tokenizer().apply_chat_template(list(prompt))  # type: ignore[arg-type]
-        elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)  # type: ignore[arg-type]
+        elif isinstance(prompt, (np.ndarray, torch.Tensor)) and prompt.ndim == 1 and _integer_array(prompt):
+            ids = prompt.tolist()
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            for i, message in enumerate(prompt):
+                if not ({"role", "content"} <= message.keys() and all(isinstance(v, str) for v in message.values())):
+                    raise DgrtError(
+                        f"chat message {i} is {show(message)}, expected a dict with str 'role' and 'content'."
+                    )
+                _check_text(message["content"], f"chat message {i}")
+            ids = self._require_tokenizer().apply_chat_template(list(prompt))
+        elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
+            ids = [int(t) for t in prompt]
         else:
-            raise DgrtError("a prompt must be a string, a list of chat messages, or a list of token ids.")
+            raise DgrtError(f"{PROMPT_TYPES}; got {_describe(prompt)}.")
         if not ids:
             raise DgrtError("the prompt is empty.")
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
@@ -323,31 +446,69 @@ class Generator:
 
 class Session:
     """Turns of one conversation. The cache keeps every turn; the last canvas of a turn is prefilled at
-    the start of the next, before the new prompt (transformers' multi-turn semantics)."""
+    the start of the next, before the new prompt (transformers' multi-turn semantics). A session may be
+    used from several threads: its turns run one at a time, like every call on its Generator."""
 
     def __init__(self, generator: Generator, cache: KVCache):
         self.generator, self.cache = generator, cache
         self.pending: list[int] = []
 
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
-        return self.generator.generate(prompt, session=self, **options)
+        """The next turn; prompt and options as for Generator.generate (one prompt, not a batch)."""
+        return self.generator._generate(prompt, options, self)
 
-    def stream(self, prompt: Prompt, **options: Any) -> Iterator[Event]:
-        return self.generator.stream(prompt, session=self, **options)
-
-
-def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, chat messages, token ids) or a list of them."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, dict) for p in prompts):
-        return [prompts]  # type: ignore[list-item]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, int) for p in prompts):
-        return [prompts]  # type: ignore[list-item]
-    if isinstance(prompts, Sequence) and prompts:
-        return list(prompts)  # type: ignore[arg-type]
-    raise DgrtError("no prompt given.")
+    def stream(self, prompt: Prompt, **options: Any) -> PyGenerator[Event, None, GenerationResult]:
+        """The next turn's events; prompt and options as for Generator.stream (one prompt, not a batch)."""
+        return self.generator._stream(prompt, options, self)
 
 
-def _id_list(ids: int | Sequence[int] | None) -> list[int]:
-    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+def _as_batch(prompts: Any) -> list[Any]:
+    """One prompt or a batch (see Generator.stream) -> the list of prompts; each is checked by _encode."""
+    if isinstance(prompts, (np.ndarray, torch.Tensor)) and prompts.ndim == 2:
+        if not len(prompts):
+            raise DgrtError("no prompt given.")
+        return list(prompts)
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise DgrtError("no prompt given.")
+        if all(isinstance(p, (str, list, tuple, np.ndarray, torch.Tensor)) for p in prompts):
+            return list(prompts)  # a batch (a list of chat messages or token ids holds dicts or ints)
+    return [prompts]
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool: True is not token 1."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _integer_array(array: np.ndarray | torch.Tensor) -> bool:
+    if isinstance(array, torch.Tensor):
+        return not (array.dtype.is_floating_point or array.dtype.is_complex or array.dtype == torch.bool)
+    return bool(np.issubdtype(array.dtype, np.integer))
+
+
+def _describe(value: Any) -> str:
+    """What a refused prompt is, for the error: its type, and what a list or array holds."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        kind = "numpy array" if isinstance(value, np.ndarray) else "torch tensor"
+        return f"a {value.ndim}-D {str(value.dtype).removeprefix('torch.')} {kind}"
+    if isinstance(value, (list, tuple)):
+        held = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {', '.join(held)}" if held else f"an empty {type(value).__name__}"
+    return type(value).__name__
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DgrtError(
+            f"{what} holds {text[e.start]!r} at character {e.start}, a lone surrogate that the tokenizer cannot "
+            "encode (a command-line argument that is not valid UTF-8 arrives as one); pass valid Unicode text."
+        ) from None
+
+
+def _seed(value: Any) -> int:
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+        raise DgrtError(f"seed is {show(value)}, expected an integer from 0 to 2**63 - 1 (or None for a random one).")
+    return int(value)

@@ -7,12 +7,16 @@ The vocabulary-sized part (argmax, sample, entropy, soft embeddings) runs inside
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 
 from dgrt.errors import DgrtError
+
+MAX_STEPS = 10_000  # denoising steps per canvas; the reference uses 48
 
 
 @dataclass(frozen=True)
@@ -47,17 +51,39 @@ class SamplerConfig:
         return replace(self, **overrides).checked()
 
     def checked(self) -> SamplerConfig:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise DgrtError(f"steps is {self.steps!r}, expected a positive integer.")
-        if not 0 <= self.t_min < self.t_max:
-            raise DgrtError(f"temperatures t_min={self.t_min}, t_max={self.t_max}: expected 0 <= t_min < t_max.")
-        if not self.entropy_bound > 0:
-            raise DgrtError(f"entropy_bound is {self.entropy_bound}, expected a positive number.")
-        if self.stability_threshold is not None and self.stability_threshold < 0:
-            raise DgrtError(f"stability_threshold is {self.stability_threshold}, expected >= 0 or None.")
-        if self.confidence_threshold is not None and not self.confidence_threshold > 0:
-            raise DgrtError(f"confidence_threshold is {self.confidence_threshold}, expected > 0 or None.")
-        return self
+        """This config with every value range-checked (each error names the accepted range) and plain
+        Python numbers in place of numpy ones."""
+        steps = _integer("steps", self.steps, 1, MAX_STEPS)
+        t_min, t_max = _number("t_min", self.t_min), _number("t_max", self.t_max)
+        if not 0 <= t_min < t_max:
+            raise DgrtError(f"temperatures t_min={t_min}, t_max={t_max}: expected 0 <= t_min < t_max.")
+        checked = replace(
+            self,
+            steps=steps,
+            t_min=t_min,
+            t_max=t_max,
+            entropy_bound=_number("entropy_bound", self.entropy_bound, positive=True),
+            stability_threshold=None
+            if self.stability_threshold is None
+            else _integer(
+                "stability_threshold",
+                self.stability_threshold,
+                0,
+                steps,
+                " (steps), or None; a longer history of unchanged steps can never be satisfied",
+            ),
+            confidence_threshold=None
+            if self.confidence_threshold is None
+            else _number("confidence_threshold", self.confidence_threshold, positive=True, why=", or None"),
+        )
+        # The schedule runs in float32: its ends must be positive, finite temperatures there too.
+        ends = [float(checked.temperature(step)) for step in (1, steps)]
+        if not (ends[0] > 0 and math.isfinite(ends[1])):
+            raise DgrtError(
+                f"temperatures t_min={t_min}, t_max={t_max} give float32 temperatures from {ends[0]} to {ends[1]}; "
+                "expected positive finite ones (keep t_max within float32's range)."
+            )
+        return checked
 
     @property
     def adaptive(self) -> bool:
@@ -68,6 +94,24 @@ class SamplerConfig:
         computes it (an int32 step divided in float32)."""
         fraction = torch.tensor(step, dtype=torch.int32) / self.steps
         return self.t_min + (self.t_max - self.t_min) * fraction
+
+
+def show(value: Any) -> str:
+    """A value as an error quotes it: its repr, cut short (a 400-digit seed is still one line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer(name: str, value: Any, low: int, high: int, why: str = "") -> int:
+    if isinstance(value, Integral) and not isinstance(value, bool) and low <= int(value) <= high:
+        return int(value)
+    raise DgrtError(f"{name} is {show(value)}, expected an integer from {low} to {high}{why}.")
+
+
+def _number(name: str, value: Any, positive: bool = False, why: str = "") -> float:
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or positive and value <= 0:
+        raise DgrtError(f"{name} is {show(value)}, expected a finite {'positive ' if positive else ''}number{why}.")
+    return float(value)
 
 
 def accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
