@@ -6,7 +6,9 @@ Every time is the median of `runs` repetitions after one warm-up, with the range
   the first canvas;
 * the denoise step's weight traffic (weight bytes / step time) against a memory bandwidth measured in the
   same run (a large array copy): a step that must read every weight cannot beat that roofline;
-* peak resident memory of the process.
+* peak resident memory of the process (and the peak CUDA memory torch allocated, when a backend used it).
+Everything runs on token ids, so a model without tokenizer files is timed too; only the task metrics of a
+model trained on dgrt's task need one (they score text answers) and are skipped without it.
 With a reference checkpoint, transformers runs the same measurements in the same process and thread count.
 """
 
@@ -24,15 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgrt.errors import DgrtError
+from dgrt.errors import DgrtError, check_ints
 from dgrt.progress import Progress
 from dgrt.runtime.backends import DenoiseInputs, TorchBackend
 from dgrt.runtime.generator import CanvasEvent, Generator
 from dgrt.task import Task, score
 
-TASK_EXAMPLES = 200
+TASK_EXAMPLES = 200  # held-out questions scored when the model was trained on dgrt's task
 DEFAULT_PROMPT_LENGTHS = (16, 128, 512)
-DEFAULT_PAST_LENGTHS = (0, 256, 1024, 4096)  # held-out questions scored when the model was trained on dgrt's task
+DEFAULT_PAST_LENGTHS = (0, 256, 1024, 4096)
 
 
 @dataclass
@@ -210,6 +212,11 @@ def run_bench(
     Lengths default to DEFAULT_PROMPT_LENGTHS / DEFAULT_PAST_LENGTHS, those the model's context allows."""
     import dgrt
 
+    check_ints("--steps", step_counts, 1)
+    check_ints("--prompt-lengths", prompt_lengths or [], 1)
+    check_ints("--past-lengths", past_lengths or [], 0)
+    check_ints("--runs", runs, 1)
+    check_ints("--threads", threads, 1)
     progress = Progress()
     bandwidth = memory_bandwidth()
     report: dict[str, Any] = {
@@ -220,6 +227,7 @@ def run_bench(
         "backends": {},
     }
     sides = {}
+    task_skipped = False  # a task model without a tokenizer: its metrics need text
     names: list[str | None] = list(backends) if backends else [None]  # None: the path's default backend
     for name in names:
         with dgrt.load(path, backend=name, threads=threads) as gen:
@@ -242,7 +250,8 @@ def run_bench(
                 "fraction_of_bandwidth": traffic / bandwidth,
             }
             task = Task.from_dir(path)
-            if task is not None:  # a model trained on dgrt's task: what its speed buys
+            task_skipped = task is not None and gen.tokenizer is None
+            if task is not None and not task_skipped:  # a model trained on dgrt's task: what its speed buys
                 progress.update(f"scoring the task on {gen.backend.name}")
                 t0 = time.perf_counter()
                 scored = score(gen, task.examples(TASK_EXAMPLES))
@@ -257,8 +266,10 @@ def run_bench(
                 "prefill": {str(k): ref.prefill_seconds[k].median / s.median for k, s in side.prefill_seconds.items()},
                 "generation": {k: ref.generation[k]["seconds"] / g["seconds"] for k, g in side.generation.items()},
             }
+    report["notes"] = ["no tokenizer: the task metrics were skipped (they score text answers)"] if task_skipped else []
     report["peak_rss_bytes"] = peak_rss_bytes()
-    report["gpu_memory_bytes"] = None  # CPU backends; the GPU backends report theirs
+    if torch.cuda.is_initialized():  # a backend ran on CUDA through torch (TensorRT's own engine memory is not in it)
+        report["torch_cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     progress.close()
     return report
 
@@ -267,9 +278,9 @@ def _weight_bytes(gen: Generator, path: Path) -> int:
     """Bytes of weights a denoise step reads: the export's weights file, or the torch model's parameters."""
     if isinstance(gen.backend, TorchBackend):
         return sum(p.numel() * p.element_size() for p in gen.backend.model.parameters())
-    from dgrt.exporter import manifest as manifest_mod
+    from dgrt.contract import manifest as manifest_mod
 
-    return int(manifest_mod.load(path)["weights"]["bytes"])
+    return manifest_mod.load(path).weights.bytes
 
 
 def _side_json(side: SideResult) -> dict[str, Any]:
@@ -320,6 +331,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"{side['weight_bytes'] / 2**20:.0f} MiB of weights)"
         )
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if "torch_cuda_peak_bytes" in r:
+        lines.append(f"peak CUDA memory allocated by torch {r['torch_cuda_peak_bytes'] / 2**20:.0f} MiB")
+    lines += [f"note: {note}" for note in r["notes"]]
     return "\n".join(lines)
 
 
@@ -348,7 +362,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    import io
+
+    from dgrt.fsutil import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())  # a unique temporary file: a planted symlink is not followed

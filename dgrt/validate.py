@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgrt.errors import DgrtError
-from dgrt.exporter.io_spec import torch_dtype
+from dgrt.contract.manifest import Manifest
+from dgrt.errors import MAX_SEED, DgrtError, check_ints
 from dgrt.model.sampling import sample_from_uniform
 from dgrt.runtime.backends import KV, Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend, session_options
 from dgrt.runtime.generator import Generator, ModelInfo
@@ -42,6 +42,9 @@ DEFAULT_PROMPTS = (
     "List three prime numbers.",
     "Write one sentence about the sea.",
 )
+# Without a tokenizer: random token-id prompts about as long as the built-in ones with a chat template
+# (41-49 tokens with the tiny character tokenizer, ~15 with Gemma's), one longer than a sliding window.
+RANDOM_PROMPT_LENGTHS = (12, 24, 48)
 
 
 def _bounds(dtype: str, baseline: tuple[Stats, Stats]) -> dict[str, float | None]:
@@ -104,6 +107,7 @@ class Report:
     same_checkpoint: bool
     checks: list[Check] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was left out or substituted, and why
 
     @property
     def ok(self) -> bool:
@@ -116,6 +120,7 @@ class Report:
         lines = [f"validate {self.export} ({self.dtype}, {self.backend}) against {self.reference}"]
         if not self.same_checkpoint:
             lines.append("warning: the export was made from another checkpoint (digests differ)")
+        lines += [f"note: {note}" for note in self.notes]
         lines.append(f"{'check':<48}{'measured':>14}{'bound':>14}  result")
         for c in self.checks:
             bound = "-" if c.bound is None else f"{'>=' if c.higher_is_better else '<='}{c.bound:.6g}"
@@ -178,13 +183,22 @@ def validate(
     export_dir: str | Path,
     reference_dir: str | Path,
     backend: str = "onnxruntime",
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+    prompts: Sequence[str | Sequence[int]] | None = None,
     canvases: int = 2,
     steps: int | None = None,
     seed: int = 0,
     task_examples: int = TASK_EXAMPLES,
 ) -> Report:
+    """Validate an export against transformers on `prompts`: text (chat template applied; needs the export's
+    tokenizer) or token ids as given. None: DEFAULT_PROMPTS, or without a tokenizer random token-id prompts
+    of RANDOM_PROMPT_LENGTHS drawn with `seed`."""
     import dgrt
+
+    check_ints("--canvases", canvases, 1)
+    if steps is not None:
+        check_ints("--steps", steps, 1)
+    check_ints("--seed", seed, 0, MAX_SEED)
+    check_ints("task_examples", task_examples, 0)
 
     try:
         import transformers
@@ -196,15 +210,20 @@ def validate(
     gen = dgrt.load(export_dir, backend=backend)
     manifest = _manifest(export_dir)
     ref_ckpt = Checkpoint.open(reference_dir)
+    notes: list[str] = []
+    if prompts is None and gen.tokenizer is not None:
+        prompts = DEFAULT_PROMPTS
+    elif prompts is None:
+        prompts = random_prompts(gen.info.vocab_size, _special_ids(gen, ref_ckpt.config.raw), seed)
+        lengths = ", ".join(str(len(p)) for p in prompts)
+        notes.append(f"no tokenizer: validated on {len(prompts)} random token-id prompts of lengths {lengths}")
+    prompt_ids = _prompt_ids(gen, export_dir, prompts, canvases)
+    sampler = gen.sampler if steps is None else gen.sampler.with_overrides(steps=steps)
     transformers.utils.logging.disable_progress_bar()
     hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    report = Report(str(export_dir), str(reference_dir), backend, manifest["dtype"],
-                    same_checkpoint=manifest["source"]["digest"] == ref_ckpt.digest())  # fmt: skip
-    tok = gen.tokenizer
-    if tok is None:
-        raise DgrtError(f"{export_dir}: no tokenizer files to encode the validation prompts.")
-    sampler = gen.sampler if steps is None else gen.sampler.with_overrides(steps=steps)
-    encoded = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}])]) for t in prompts]
+    report = Report(str(export_dir), str(reference_dir), backend, manifest.dtype,
+                    same_checkpoint=manifest.source.get("digest") == ref_ckpt.digest(), notes=notes)  # fmt: skip
+    encoded = [torch.tensor([ids]) for ids in prompt_ids]
 
     def compare(runner: Backend, logits_of: Any) -> tuple[Stats, Stats]:
         kv, logits = Stats(), Stats()
@@ -216,15 +235,15 @@ def validate(
         kv, logits = compare(gen.backend, logits_function(gen, export_dir))
         from dgrt.checkpoint import load_model
 
-        dtype = torch_dtype(manifest["dtype"])
+        dtype = manifest.torch_dtype
         model = load_model(ref_ckpt, dtype=dtype)
         baseline = compare(TorchBackend(model), _torch_logits(model))
-        e2e = [_shared_noise(gen, hf, tok, text, sampler, canvases, seed + i) for i, text in enumerate(prompts)]
+        e2e = [_shared_noise(gen, hf, ids, sampler, canvases, seed + i) for i, ids in enumerate(prompt_ids)]
 
     agreement = sum(a for a, _, _ in e2e) / len(e2e)
     ours_steps = float(np.mean([s for _, s, _ in e2e]))
     ref_steps = float(np.mean([r for _, _, r in e2e]))
-    bound = _bounds(manifest["dtype"], baseline)
+    bound = _bounds(manifest.dtype, baseline)
     report.checks = [
         Check("prefill K/V error, 99th pct over tokens", kv.p99, bound["kv_p99"]),
         Check("prefill K/V max abs error", kv.max_abs, None),
@@ -238,7 +257,9 @@ def validate(
         Check("steps per canvas, dgrt / reference - 1", abs(ours_steps / ref_steps - 1), bound["steps"]),
     ]
     task = Task.from_dir(export_dir)
-    if task is not None and task_examples:  # a model trained on dgrt's task: the numbers that mean something
+    if task is not None and task_examples and gen.tokenizer is None:
+        report.notes.append("no tokenizer: the task metrics were skipped (they score text answers)")
+    elif task is not None and task_examples:  # a model trained on dgrt's task: the numbers that mean something
         scored = score(gen, task.examples(task_examples), seed=seed)
         report.checks += [
             Check(f"task exact-match accuracy ({scored.examples} held-out)", scored.accuracy, None, True),
@@ -246,7 +267,7 @@ def validate(
             Check("task tokens per forward", scored.tokens_per_forward, None, True),
         ]
     report.details["baseline"] = {
-        "what": f"dgrt's PyTorch modules in {manifest['dtype']} against the fp32 reference, same inputs",
+        "what": f"dgrt's PyTorch modules in {manifest.dtype} against the fp32 reference, same inputs",
         "kv_p99_error": baseline[0].p99,
         "kv_max_abs_error": baseline[0].max_abs,
         "logits_p99_error": baseline[1].p99,
@@ -256,7 +277,7 @@ def validate(
         "argmax_agreement": baseline[1].agreement,
     }
     report.details |= {
-        "prompts": list(prompts),
+        "prompts": [p if isinstance(p, str) else list(p) for p in prompts],
         "canvases": canvases,
         "steps": sampler.steps,
         "kv_mean_abs_error": kv.mean_abs,
@@ -268,8 +289,55 @@ def validate(
     return report
 
 
-def _manifest(export_dir: Path) -> dict[str, Any]:
-    from dgrt.exporter import manifest as manifest_mod
+def random_prompts(vocab_size: int, special: set[int], seed: int) -> list[list[int]]:
+    """Token-id prompts of RANDOM_PROMPT_LENGTHS, the ids drawn uniformly from the non-special ones."""
+    allowed = torch.tensor(sorted(set(range(vocab_size)) - special))
+    rng = torch.Generator().manual_seed(seed)
+    return [allowed[torch.randint(len(allowed), (n,), generator=rng)].tolist() for n in RANDOM_PROMPT_LENGTHS]
+
+
+def _special_ids(gen: Generator, config: dict[str, Any]) -> set[int]:
+    """The ids a prompt of ordinary text never holds, as far as a model without a tokenizer tells: EOS, pad,
+    and every `*_token_id` of its config.json (BOS, image tokens...)."""
+    ids: set[int] = set(gen.eos_token_id) | ({gen.pad_token_id} if gen.pad_token_id is not None else set())
+    for section in (config, config.get("text_config") or {}):
+        for key, value in section.items():
+            if key.endswith("_token_id") and value is not None:
+                ids.update(value if isinstance(value, list) else [value])
+    return ids
+
+
+def _prompt_ids(gen: Generator, export_dir: Path, prompts: Sequence[str | Sequence[int]],
+                canvases: int) -> list[list[int]]:  # fmt: skip
+    """Each prompt's token ids (text through the chat template), checked against the vocabulary and context."""
+    if not prompts:
+        raise DgrtError("no validation prompts given; expected at least one text or token-id prompt.")
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            if gen.tokenizer is None:
+                raise DgrtError(
+                    f"{export_dir} has no tokenizer files to encode the text prompt {prompt!r}; pass token ids "
+                    "instead (--prompt-ids 1,2,3)."
+                )
+            ids = gen.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise DgrtError("a token-id prompt is empty; expected at least one token id.")
+            check_ints("--prompt-ids", ids, 0, gen.info.vocab_size - 1)
+        context = len(ids) + canvases * gen.info.canvas_length
+        if context > gen.info.max_context:
+            raise DgrtError(
+                f"a prompt of {len(ids)} tokens and --canvases {canvases} of {gen.info.canvas_length} need a context "
+                f"of {context} tokens; {export_dir} supports {gen.info.max_context}."
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def _manifest(export_dir: Path) -> Manifest:
+    from dgrt.contract import manifest as manifest_mod
 
     return manifest_mod.load(export_dir)
 
@@ -281,13 +349,13 @@ def logits_function(gen: Generator, export_dir: Path) -> Any:
         import onnx
         import onnxruntime as ort
 
-        spec = backend.specs["denoise"]
-        graph = onnx.load(str(export_dir / spec["file"]), load_external_data=False)
+        manifest = _manifest(export_dir)
+        graph = onnx.load(str(export_dir / manifest.graphs["denoise"].file), load_external_data=False)
         if not any("logits" in node.output for node in graph.graph.node):
             raise DgrtError(f"{export_dir}: its denoise graph has no 'logits' value to compare; re-export it.")
         if "logits" not in [o.name for o in graph.graph.output]:  # expose the graph's internal logits
             graph.graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
-        options = session_options(_manifest(export_dir))
+        options = session_options(manifest)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
         session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
@@ -417,10 +485,9 @@ def inverse_cdf_multinomial() -> Iterator[None]:
         torch.multinomial = original
 
 
-def _shared_noise(gen: Generator, hf: Any, tok: Any, text: str, sampler: Any, canvases: int,
+def _shared_noise(gen: Generator, hf: Any, ids: list[int], sampler: Any, canvases: int,
                   seed: int) -> tuple[float, float, float]:  # fmt: skip
-    """(token agreement, dgrt steps per canvas, reference steps per canvas) for one prompt."""
-    ids = tok.apply_chat_template([{"role": "user", "content": text}])
+    """(token agreement, dgrt steps per canvas, reference steps per canvas) for one prompt's token ids."""
     c = gen.info.canvas_length
     options = dict(
         max_new_tokens=canvases * c,

@@ -96,3 +96,24 @@ def exports(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Pat
     for name, ckpt in checkpoints.items():
         export(ckpt, root / name, ExportOptions(debug_logits=True))
     return {name: root / name for name in checkpoints}
+
+
+@pytest.fixture(scope="session")
+def untokenized_export(tmp_path_factory: pytest.TempPathFactory, exports: dict[str, Path]) -> Path:
+    """The tiny export as if made from a checkpoint without tokenizer files but trained on dgrt's task (a
+    dgrt_task.json): what validate and bench must handle on token ids alone."""
+    import json
+    import shutil
+
+    from dgrt.exporter.onnx_export import TOKENIZER_FILES
+    from dgrt.task import TASK_FILE, Task
+
+    out = tmp_path_factory.mktemp("untokenized") / "tiny"
+    shutil.copytree(exports["tiny"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in set(manifest["files"]) & set(TOKENIZER_FILES):
+        (out / name).unlink()
+    (out / TASK_FILE).write_text(json.dumps(Task().to_json()))
+    manifest["files"] = [f for f in manifest["files"] if f not in TOKENIZER_FILES] + [TASK_FILE]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dgrt.cli import main
+
 TIMING_KEYS = {"median", "low", "high"}
 GENERATION_KEYS = {"tokens_per_second", "seconds", "seconds_low", "seconds_high", "steps_per_canvas"}
 
@@ -49,3 +51,39 @@ def test_bench_rejects_a_bad_length_list(exports: dict[str, Path]) -> None:
 def test_bench_refuses_lengths_beyond_the_context(exports: dict[str, Path]) -> None:
     r = bench(str(exports["tiny"]), "--past-lengths", "0,4090")  # tiny: context 4096, canvas 16
     assert r.returncode == 2 and "cached lengths at most 4080" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_bench_without_a_tokenizer_times_token_ids_and_skips_the_task(
+    tmp_path: Path, untokenized_export: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["bench", str(untokenized_export), "--backend", "onnxruntime", "--runs", "1", "--steps", "2",
+                 "--prompt-lengths", "4", "--past-lengths", "0", "--json", str(tmp_path / "b.json")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    note = "no tokenizer: the task metrics were skipped (they score text answers)"
+    assert f"note: {note}" in out
+    report = json.loads((tmp_path / "b.json").read_text())
+    side = report["backends"]["onnxruntime"]
+    assert set(side["generation"]) == {"K=2", "adaptive"} and side["generation"]["K=2"]["steps_per_canvas"] == 2.0
+    assert "task" not in side and report["notes"] == [note]
+    assert "gpu_memory_bytes" not in report  # no backend fills it on a CPU
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--runs", "0"], "--runs is 0; expected an integer of at least 1."),
+        (["--runs", "-1"], "--runs is -1; expected an integer of at least 1."),
+        (["--threads", "0"], "--threads is 0; expected an integer of at least 1."),
+        (["--threads", "-1"], "--threads is -1; expected an integer of at least 1."),
+        (["--steps", "8,0"], "--steps has 0; expected integers of at least 1."),
+        (["--prompt-lengths", "0,16"], "--prompt-lengths has 0; expected integers of at least 1."),
+        (["--past-lengths", "-1"], "--past-lengths has -1; expected integers of at least 0."),
+    ],
+)
+def test_bench_refuses_numbers_out_of_range_in_one_line(
+    exports: dict[str, Path], capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["bench", str(exports["tiny"]), *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dgrt: error: {message}\n"
