@@ -6,12 +6,13 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from dgrt import __version__
-from dgrt.errors import DgrtError
+from dgrt.errors import DgrtError, DgrtWarning
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
@@ -55,19 +56,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
         calibration_samples=args.calibration_samples,
         measure_accuracy=not args.no_accuracy,
     )
+    t0 = time.perf_counter()
     manifest = export(args.checkpoint, args.output, options, force=args.force)
-    weights = manifest["weights"]
-    print(f"exported {args.checkpoint} to {args.output} in {manifest['export_seconds']:.1f} s")
+    weights = manifest.weights
+    print(f"exported {args.checkpoint} to {args.output} in {time.perf_counter() - t0:.1f} s")
     print(
-        f"  {', '.join(g['file'] for g in manifest['graphs'].values())}, manifest.json, "
-        f"{weights['file']} ({weights['tensors']} tensors, {weights['bytes'] / 2**20:.1f} MiB, stored once)"
+        f"  {', '.join(g.file for g in manifest.graphs.values())}, manifest.json, "
+        f"{weights.file} ({weights.tensors} tensors, {weights.bytes / 2**20:.1f} MiB, stored once)"
     )
     print(
-        f"  dtype {manifest['dtype']}, opset {manifest['opset']}, canvas {manifest['canvas_length']}, "
-        f"max context {manifest['max_context']}"
+        f"  dtype {manifest.dtype}, opset {manifest.opset}, canvas {manifest.canvas_length}, "
+        f"max context {manifest.max_context}"
     )
     print(lint_export(args.output).format())
-    quantization = manifest.get("quantization")
+    quantization = manifest.quantization
     if quantization and "accuracy" in quantization:
         from dgrt.exporter.accuracy import format_summary
 
@@ -91,7 +93,14 @@ def _cmd_build(args: argparse.Namespace) -> None:
         strip_weights=args.strip_weights,
         weight_streaming=args.weight_streaming,
     )
-    out = build(args.export_dir, options, timing_cache=args.timing_cache, force=args.force, progress=Progress())
+    out = build(
+        args.export_dir,
+        options,
+        timing_cache=args.timing_cache,
+        force=args.force,
+        progress=Progress(),
+        verify=not args.no_verify,
+    )
     engine = json.loads((out / ENGINE_FILE).read_text())
     sm = "".join(map(str, engine["compute_capability"]))
     print(
@@ -114,7 +123,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     import dgrt
     from dgrt.runtime.display import CanvasDisplay, summary
 
-    gen = dgrt.load(args.path, backend=args.backend, threads=args.threads)
+    gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
     options: dict[str, object] = {"seed": args.seed, "chat": not args.raw}
     for name in ("max_new_tokens", "steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
                  "confidence_threshold"):  # fmt: skip
@@ -136,8 +145,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         }
         print(json.dumps(result.to_json() | stats, indent=2))
         return
-    for text in result.texts:
-        print(text)
+    if len(result.texts) == 1:
+        print(result.texts[0])
+    else:  # texts may hold newlines: a header line starts each row (--json is the format to parse)
+        for i, text in enumerate(result.texts):
+            print(f"--- [{i}]\n{text}")
     print(summary(result, gen.backend.name), file=sys.stderr)
 
 
@@ -145,13 +157,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     import json
 
     from dgrt.fsutil import atomic_write_text
-    from dgrt.validate import DEFAULT_PROMPTS, validate
+    from dgrt.validate import validate
 
     report = validate(
         args.path,
         args.reference,
         backend=args.backend,
-        prompts=tuple(args.prompt or DEFAULT_PROMPTS),
+        prompts=args.prompts,
         canvases=args.canvases,
         steps=args.steps,
         seed=args.seed,
@@ -187,13 +199,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _int_list(text: str) -> list[int]:
+    """Comma-separated integers; their ranges are checked where they are used (validate, run_bench)."""
     try:
-        values = [int(v) for v in text.split(",")]
+        return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
 
 
 def _backend_list(text: str) -> list[str]:
@@ -244,7 +254,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         manifest = export(ckpt, Path(tmp) / "onnx", progress=Progress())
         print(
             f"exported {what} checkpoint to ONNX in {time.perf_counter() - t0:.1f} s "
-            f"(weights {manifest['weights']['bytes'] / 2**20:.1f} MiB, TensorRT lint passed)"
+            f"(weights {manifest.weights.bytes / 2**20:.1f} MiB, TensorRT lint passed)"
         )
         prompt = args.prompt or (DEMO_QUESTION if task else "Reverse the string 'diffusion'.")
         accuracy = _demo_validation(Path(tmp) / "onnx", ckpt, prompt)
@@ -265,6 +275,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(
             "random weights: the text is noise, and entropies stay too high for adaptive stopping to end a canvas early"
         )
+
+
+NO_VERIFY_HELP = (
+    "skip checking weights.bin against the manifest's sha256 (checked once per file otherwise, then cached; "
+    "for huge exports on slow disks: a corrupt file then gives wrong text without an error)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -306,18 +322,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-id", type=int, nargs="*", help="EOS token ids (default: the checkpoint's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.add_argument("--stream", action="store_true", help="show the canvas being refined, step by step")
-    p.add_argument("--json", action="store_true", help="print ids, text and statistics as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print ids, text and statistics as JSON, the format to parse (plain output prints a '--- [i]' line "
+        "before each row of a batch, but a text may hold any line)",
+    )
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("validate", help="compare an export with the PyTorch reference (transformers)")
     p.add_argument("path", type=Path, help="an export directory")
     p.add_argument("--reference", type=Path, required=True, help="the checkpoint folder the export came from")
     p.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime")
-    p.add_argument("--prompt", action="append", help="a validation prompt (repeatable; default: three built in)")
-    p.add_argument("--canvases", type=int, default=2, help="canvases per prompt (default 2)")
-    p.add_argument("--steps", type=int, help="denoising steps per canvas (default: generation_config)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        help="a validation prompt, chat template applied (repeatable; default: three built in, or without "
+        "tokenizer files three random token-id prompts)",
+    )
+    p.add_argument(
+        "--prompt-ids",
+        dest="prompts",
+        type=_int_list,
+        action="append",
+        help="a validation prompt as comma-separated token ids, used as given (repeatable)",
+    )
+    p.add_argument("--canvases", type=int, default=2, help="canvases per prompt, >= 1 (default 2)")
+    p.add_argument("--steps", type=int, help="denoising steps per canvas, >= 1 (default: generation_config)")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**63-1 (default 0)")
     p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
     p.set_defaults(func=_cmd_validate)
 
@@ -325,11 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
     p.add_argument("--backend", type=_backend_list, help="onnxruntime, torch, tensorrt, or several comma-separated")
     p.add_argument("--reference", type=Path, help="a checkpoint folder: measure transformers the same way")
-    p.add_argument("--steps", type=_int_list, default=[8, 16, 48], help="fixed step counts (default 8,16,48)")
-    p.add_argument("--prompt-lengths", type=_int_list, help="default 16,128,512 (those the context allows)")
-    p.add_argument("--past-lengths", type=_int_list, help="default 0,256,1024,4096 (those the context allows)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement, after one warm-up")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=_int_list, default=[8, 16, 48], help="fixed step counts, >= 1 (default 8,16,48)")
+    p.add_argument("--prompt-lengths", type=_int_list, help=">= 1; default 16,128,512 (those the context allows)")
+    p.add_argument("--past-lengths", type=_int_list, help=">= 0; default 0,256,1024,4096 (those the context allows)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement after one warm-up, >= 1")
+    p.add_argument("--threads", type=int, default=2, help=">= 1 (default 2)")
     p.add_argument("--json", type=Path, help="write every measurement as JSON to this file")
     p.add_argument("--plot", type=Path, help="write a PNG of step latency against past length")
     p.set_defaults(func=_cmd_bench)
@@ -341,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_tiny)
 
-    from dgrt.exporter.io_spec import DTYPES
+    from dgrt.contract.io_spec import DTYPES
     from dgrt.exporter.onnx_export import DEFAULT_OPSET
     from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
 
@@ -384,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--strip-weights", action="store_true", help="weight-stripped plans, refilled at load")
     p.add_argument("--weight-streaming", action="store_true", help="stream weights from host memory")
     p.add_argument("--force", action="store_true", help="rebuild even if engines with this key exist")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("lint", help="check an export's graphs against TensorRT's ONNX parser support matrix")
@@ -398,7 +434,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        python_format = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+            """dgrt's own warnings as one line, like its errors; anything else as Python prints it."""
+            if issubclass(category, DgrtWarning):
+                print(f"dgrt: warning: {message}", file=sys.stderr)
+            else:
+                python_format(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dgrt.fsutil import check_output_file
+
     try:
+        for option in ("json", "plot", "timing_cache"):  # files written after the work: refuse bad ones now
+            if isinstance(path := getattr(args, option, None), Path):
+                check_output_file(path)
         return args.func(args) or 0
     except DgrtError as e:
         print(f"dgrt: error: {e}", file=sys.stderr)
@@ -406,6 +462,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a command that stopped reading (head, less)
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written is left to report
+        print("dgrt: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno is None:  # not from the system (disk full, permissions, read-only...): a bug, show it all
+            raise
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"dgrt: error: {where}{e.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from dgrt.exporter import manifest as manifest_mod
+from dgrt.contract import manifest as manifest_mod
 
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 
@@ -18,22 +18,22 @@ class OrtGraphs:
         self.manifest = manifest_mod.load(export_dir)
         options = ort.SessionOptions()
         self.sessions = {
-            name: ort.InferenceSession(str(export_dir / g["file"]), options, providers=["CPUExecutionProvider"])
-            for name, g in self.manifest["graphs"].items()
+            name: ort.InferenceSession(str(export_dir / g.file), options, providers=["CPUExecutionProvider"])
+            for name, g in self.manifest.graphs.items()
         }
 
     def _run(self, graph: str, fixed: dict[str, torch.Tensor], past: list) -> dict[str, np.ndarray]:
-        spec = self.manifest["graphs"][graph]
+        spec = self.manifest.graphs[graph].spec
         feed = {}
-        for t in spec["inputs"]:
-            if "layer" in t:
-                layer_past = past[t["layer"]]
-                value = layer_past[0] if t["name"].endswith(".key") else layer_past[1]
+        for t in spec.inputs:
+            if t.layer is not None:
+                layer_past = past[t.layer]
+                value = layer_past[0] if t.name.endswith(".key") else layer_past[1]
             else:
-                value = fixed[t["name"]]
-            feed[t["name"]] = value.numpy().astype(NP_DTYPES[t["dtype"]])
+                value = fixed[t.name]
+            feed[t.name] = value.numpy().astype(NP_DTYPES[t.dtype])
         outputs = self.sessions[graph].run(None, feed)
-        return {t["name"]: o for t, o in zip(spec["outputs"], outputs, strict=True)}
+        return {t.name: o for t, o in zip(spec.outputs, outputs, strict=True)}
 
     def prefill(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list, pad_lengths: torch.Tensor | None = None

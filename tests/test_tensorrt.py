@@ -4,7 +4,6 @@ are (skipped otherwise, saying which is missing); the torch backend's GPU path w
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 import torch
 
 import dgrt
+from dgrt.contract import manifest as manifest_mod
+from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.tensorrt.plan import (
     BuildOptions,
@@ -38,8 +39,8 @@ TRT11_BUILDER_FLAGS = {
 }  # fmt: skip
 
 
-def manifest_of(export_dir: Path) -> dict:
-    return json.loads((export_dir / "manifest.json").read_text())
+def manifest_of(export_dir: Path) -> Manifest:
+    return manifest_mod.load(export_dir)
 
 
 # -- targets -----------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def test_target_resolution_against_the_gpu_at_hand() -> None:
 
 def test_profiles_come_from_the_manifest_dims(exports: dict[str, Path]) -> None:
     manifest = manifest_of(exports["tiny"])  # canvas 16, window 8, max_context 4096
-    options = BuildOptions(max_batch=4, max_context=512).checked(manifest["max_context"], 16)
+    options = BuildOptions(max_batch=4, max_context=512).checked(manifest.max_context, 16)
     assert options.opt_context == 496  # min(1024, 512 - canvas)
     assert dim_ranges(manifest, "prefill", options) == {
         "batch": (1, 1, 4),
@@ -116,17 +117,17 @@ def test_flags_per_tensorrt_major() -> None:
 def test_tensorrt_versions_are_checked_per_precision(exports: dict[str, Path]) -> None:
     manifest = manifest_of(exports["tiny"])
     assert check_version("10.0.1.6", manifest) == 10 and check_version("11.4.0.106", manifest) == 11
-    fp8 = manifest | {"quantization": {"recipe": "fp8"}}
+    fp8 = replace(manifest, quantization={"recipe": "fp8"})
     with pytest.raises(DgrtError, match="TensorRT 10.5.0 cannot build fp8 engines; 10.6 or newer"):
         check_version("10.5.0", fp8)
 
 
 def test_engine_key_changes_with_anything_that_changes_the_engine(exports: dict[str, Path]) -> None:
     manifest = manifest_of(exports["tiny"])
-    options = BuildOptions().checked(manifest["max_context"], 16)
+    options = BuildOptions().checked(manifest.max_context, 16)
     key = engine_key(manifest, options, "10.13.0", "NVIDIA H100", (9, 0))
     assert key.startswith("sm90-fp32-") and key == engine_key(manifest, options, "10.13.0", "NVIDIA H100", (9, 0))
-    other_weights = manifest | {"weights": manifest["weights"] | {"sha256": "sha256:0"}}
+    other_weights = replace(manifest, weights=replace(manifest.weights, sha256="sha256:0"))
     assert len({
         key,
         engine_key(manifest, options, "11.4.0", "NVIDIA H100", (9, 0)),

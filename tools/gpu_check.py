@@ -61,15 +61,7 @@ def backends_at_hand(trt_ok: bool) -> list[tuple[str, dict[str, Any]]]:
 
 def load(path: Path, options: dict[str, Any]) -> Any:
     if options.get("backend") == "onnxruntime-cuda":
-        from dgrt.exporter import manifest as manifest_mod
-        from dgrt.runtime import load as load_mod
-        from dgrt.runtime.backends import OnnxRuntimeBackend
-
-        manifest = manifest_mod.load(path)
-        gen = load_mod.load(path)  # the CPU generator, then its backend swapped for the CUDA provider
-        gen.backend.close()
-        gen.backend = OnnxRuntimeBackend(path, manifest, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        return gen
+        return dgrt.load(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     return dgrt.load(path, **options)
 
 

@@ -19,11 +19,10 @@ from datetime import date
 CHILD = r"""
 import json, re, sys, time, torch
 from pathlib import Path
-from dgrt.exporter import manifest as mf
+from dgrt.contract import manifest as mf
 from dgrt.runtime.backends import DenoiseInputs, OnnxRuntimeBackend
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.runtime.load import _info
-from dgrt.config import ModelConfig
 
 def rss():
     s = open("/proc/self/status").read()
@@ -36,7 +35,7 @@ base = rss()
 m = mf.load(path)
 backend = OnnxRuntimeBackend(path, m, threads=threads, prepack=setting)
 loaded = rss()
-info = _info(ModelConfig.from_dict(m["config"]), m["max_context"])
+info = _info(m.config, m.max_context)
 c, p = info.canvas_length, 128
 cache = KVCache(info.layers, 1, p + c, c, torch.float32)
 zero = torch.zeros(1, dtype=torch.int64)
@@ -63,8 +62,9 @@ def main() -> None:
     parser.add_argument("export_dir")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    manifest = json.load(open(f"{args.export_dir}/manifest.json"))
-    weights = manifest["weights"]["bytes"] / 2**20
+    from dgrt.contract import manifest
+
+    weights = manifest.load(args.export_dir).weights.bytes / 2**20
     print(
         f"{date.today()}, {args.export_dir}: weights.bin {weights:.0f} MiB, {args.threads} threads, "
         "batch 1, 128 cached tokens, median of 5 denoise steps after one warm-up"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from dgrt.exporter import manifest as manifest_mod
+from dgrt.contract import manifest as manifest_mod
 
 # Shapes that depend on values, or control flow: neither can be captured in a CUDA graph.
 DATA_DEPENDENT = {"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "If", "Scan"}
@@ -188,11 +188,23 @@ def lint_model(model: ir.Model, name: str, cuda_graph: bool) -> GraphReport:
 
 
 def lint_export(export_dir: str | Path) -> LintReport:
-    """Lint both graphs of an export directory (reading no weights but quantization scales)."""
+    """Lint both graphs of an export directory, after loading it (manifest schema, digests, weights'
+    sha256), and check that each graph's inputs and outputs are the ones the manifest describes."""
     export_dir = Path(export_dir)
     manifest = manifest_mod.load(export_dir)
     reports = []
-    for name, graph in manifest["graphs"].items():
-        model = ir.load(export_dir / graph["file"])
-        reports.append(lint_model(model, name, graph["cuda_graph"]))
+    for name, graph in manifest.graphs.items():
+        model = ir.load(export_dir / graph.file)
+        report = lint_model(model, name, graph.spec.cuda_graph)
+        for kind, values, specs in (
+            ("inputs", model.graph.inputs, graph.spec.inputs),
+            ("outputs", model.graph.outputs, graph.spec.outputs),
+        ):
+            names, expected = [str(v.name) for v in values], [t.name for t in specs]
+            if names != expected:
+                report.errors.append(
+                    f"{graph.file}: its {len(names)} {kind} ({', '.join(names[:3])}, ...) are not the {len(expected)} "
+                    f"of the {name} graph ({', '.join(expected[:3])}, ...)."
+                )
+        reports.append(report)
     return LintReport(reports)

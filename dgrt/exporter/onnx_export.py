@@ -11,11 +11,10 @@ from __future__ import annotations
 import ast
 import logging
 import shutil
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,11 @@ from torch import nn
 
 from dgrt import __version__
 from dgrt.checkpoint import Checkpoint, checkpoint_key
+from dgrt.contract import manifest as manifest_mod
+from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, GraphSpec, denoise_spec, prefill_spec
+from dgrt.contract.manifest import Manifest, WeightsEntry, mark_verified
 from dgrt.errors import DgrtError
-from dgrt.exporter import manifest as manifest_mod
-from dgrt.exporter.io_spec import DTYPES, TORCH_DTYPES, GraphSpec, denoise_spec, prefill_spec
+from dgrt.exporter.manifest import build as build_manifest
 from dgrt.exporter.quantize import (
     QuantizedWeight,
     Recipe,
@@ -37,7 +38,7 @@ from dgrt.exporter.quantize import (
     quantize_weights,
 )
 from dgrt.exporter.weights import WeightFile
-from dgrt.fsutil import atomic_dir
+from dgrt.fsutil import atomic_dir, check_output
 from dgrt.model import Denoise, DiffusionGemma, Prefill
 from dgrt.progress import Progress
 from dgrt.task import TASK_FILE
@@ -71,7 +72,7 @@ def export(
     options: ExportOptions = ExportOptions(),
     force: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write an export directory; returns its manifest."""
     progress = progress or Progress()
     if options.dtype not in DTYPES:
@@ -82,14 +83,14 @@ def export(
         )
     ckpt = Checkpoint.open(checkpoint_dir)
     cfg = ckpt.config
-    max_context = options.max_context or cfg.max_position_embeddings
+    max_context = cfg.max_position_embeddings if options.max_context is None else options.max_context
     if not cfg.canvas_length < max_context <= cfg.max_position_embeddings:
         raise DgrtError(
             f"--max-context {max_context} must be larger than the canvas ({cfg.canvas_length}) and at most the "
             f"model's max_position_embeddings ({cfg.max_position_embeddings})."
         )
+    check_output(out_dir, force, inputs=[ckpt.path])  # fail now, not after tracing and calibration
     dtype = DTYPES[options.dtype]
-    t0 = time.perf_counter()
 
     model, buffers = _meta_model(ckpt, TORCH_DTYPES[dtype])
     specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
@@ -110,7 +111,7 @@ def export(
     if options.quant is not None:
         quantized, quantization = _quantize(graphs, ckpt, options, IR_DTYPES[dtype], progress)
 
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    with atomic_dir(out_dir, force=force, inputs=[ckpt.path]) as tmp:
         weights = WeightFile(tmp / WEIGHTS_FILE)
         try:
             _attach_weights(
@@ -124,7 +125,7 @@ def export(
             ir.save(graph, tmp / f"{name}.onnx")
             files[name] = f"{name}.onnx"
         copied = _copy_side_files(ckpt.path, tmp)
-        manifest = manifest_mod.build(
+        manifest = build_manifest(
             ckpt=ckpt,
             specs=specs,
             files=files,
@@ -132,11 +133,12 @@ def export(
             dtype=options.dtype,
             opset=options.opset,
             max_context=max_context,
-            weights={"file": WEIGHTS_FILE, "bytes": weights.size, "tensors": weights.count, "sha256": weights_sha},
+            weights=WeightsEntry(WEIGHTS_FILE, weights.size, weights.count, weights_sha),
             side_files=copied,
             quantization=quantization,
         )
         manifest_mod.write(tmp, manifest)
+        mark_verified(tmp, manifest.weights)  # hashed while writing: loading need not hash it again
         progress.update("linting for TensorRT")
         from dgrt.exporter.lint import lint_export
 
@@ -147,10 +149,9 @@ def export(
             from dgrt.exporter.accuracy import measure
 
             progress.update("measuring accuracy against fp32")
-            quantization["accuracy"] = measure(tmp, ckpt.path)
+            manifest = replace(manifest, quantization=quantization | {"accuracy": measure(tmp, ckpt.path)})
             manifest_mod.write(tmp, manifest)
         progress.close()
-    manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
     return manifest
 
 

@@ -23,9 +23,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from dgrt.contract.manifest import RECIPES
 from dgrt.errors import DgrtError
 
-RECIPES = ("fp8", "int4", "int4-experts")
 BLOCK_SIZES = (32, 64, 128)
 FP8_MAX = 448.0  # largest finite E4M3FN value
 INT4_MAX = 7  # symmetric: [-7, 7] is used, -8 never

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.exporter.io_spec import torch_dtype
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -134,7 +134,7 @@ class TorchBackend:
 ORT_TYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 
 
-def session_options(manifest: dict[str, Any], threads: int | None = None, prepack: bool = False) -> Any:
+def session_options(manifest: Manifest, threads: int | None = None, prepack: bool = False) -> Any:
     """ONNX Runtime session options for an export's graphs: the manifest's session config entries (a
     quantized export needs its Q/DQ run as written: see dgrt.exporter.quantize), pre-packing off unless
     asked for."""
@@ -145,7 +145,7 @@ def session_options(manifest: dict[str, Any], threads: int | None = None, prepac
         options.intra_op_num_threads = threads
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    for key, value in manifest.get("onnxruntime", {}).get("session_config", {}).items():
+    for key, value in manifest.session_config.items():
         options.add_session_config_entry(key, value)
     return options
 
@@ -157,7 +157,7 @@ class OnnxRuntimeBackend:
     def __init__(
         self,
         export_dir: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         threads: int | None = None,
         providers: list[str] | None = None,
         prepack: bool = False,
@@ -167,41 +167,41 @@ class OnnxRuntimeBackend:
         (see README, "Memory")."""
         import onnxruntime as ort
 
-        if manifest["dtype"] == "bf16" and not providers:
+        if manifest.dtype == "bf16" and not providers:
             raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
-        self.dtype = torch_dtype(manifest["dtype"])
+        self.dtype = manifest.torch_dtype
         self.sessions = {}
-        self.specs = manifest["graphs"]
-        for name, graph in self.specs.items():
+        self.specs = {name: graph.spec for name, graph in manifest.graphs.items()}
+        for name, graph in manifest.graphs.items():
             options = session_options(manifest, threads, prepack=prepack and name == "denoise")
             try:
                 self.sessions[name] = ort.InferenceSession(
-                    str(export_dir / graph["file"]), options, providers=providers or ["CPUExecutionProvider"]
+                    str(export_dir / graph.file), options, providers=providers or ["CPUExecutionProvider"]
                 )
             except Exception as e:  # ORT raises its own exception types for bad files
-                raise DgrtError(f"{export_dir / graph['file']}: ONNX Runtime cannot load it ({e}).") from None
+                raise DgrtError(f"{export_dir / graph.file}: ONNX Runtime cannot load it ({e}).") from None
         self._bindings = {name: s.io_binding() for name, s in self.sessions.items()}
         self._soft: list[np.ndarray] = []  # two buffers the self-conditioning embeddings ping-pong between
         self._outputs: dict[str, np.ndarray] = {}
 
     def _bind_inputs(self, graph: str, named: dict[str, torch.Tensor], past: list[KV]) -> Any:
         binding = self._bindings[graph]
-        for spec in self.specs[graph]["inputs"]:
-            if "layer" in spec:
-                k, v = past[spec["layer"]]
-                tensor = k if spec["name"].endswith(".key") else v
+        for spec in self.specs[graph].inputs:
+            if spec.layer is not None:
+                k, v = past[spec.layer]
+                tensor = k if spec.name.endswith(".key") else v
             else:
-                tensor = named[spec["name"]]
+                tensor = named[spec.name]
             array = tensor.numpy()
-            if not array.flags.c_contiguous or array.dtype != ORT_TYPES[spec["dtype"]]:
-                raise DgrtError(f"internal: {graph} input {spec['name']} is not a contiguous {spec['dtype']} array.")
-            binding.bind_cpu_input(spec["name"], array)
+            if not array.flags.c_contiguous or array.dtype != ORT_TYPES[spec.dtype]:
+                raise DgrtError(f"internal: {graph} input {spec.name} is not a contiguous {spec.dtype} array.")
+            binding.bind_cpu_input(spec.name, array)
         return binding
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
         binding = self._bind_inputs("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
-        for spec in self.specs["prefill"]["outputs"]:
-            binding.bind_output(spec["name"], "cpu")
+        for spec in self.specs["prefill"].outputs:
+            binding.bind_output(spec.name, "cpu")
         self.sessions["prefill"].run_with_iobinding(binding)
         arrays = [torch.from_numpy(a) for a in binding.copy_outputs_to_cpu()]  # the new tokens' K/V only
         binding.clear_binding_outputs()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dgrt.config import ModelConfig
+from dgrt.config import ModelConfig, read_generation_config
+from dgrt.contract.io_spec import DTYPES, torch_dtype
+from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.exporter.io_spec import DTYPES, torch_dtype
 from dgrt.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.kv_cache import LayerShape
@@ -22,48 +24,65 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 def load(
     path: str | PathLike[str],
-    backend: str | None = None,
+    backend: str | Backend | None = None,
     threads: int | None = None,
     prepack: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    verify: bool = True,
+    providers: Sequence[str] | None = None,
 ) -> Generator:
     """Load a model for generation.
 
     path: an export directory (manifest.json; default backend onnxruntime; torch from its weights;
     tensorrt from engines built by `dgrt build`) or a checkpoint folder in Hugging Face layout (config.json;
-    torch only). threads: CPU threads for the backend. prepack (onnxruntime): pre-pack the denoise graph's
-    weights, a private copy traded for speed. device, dtype (torch): e.g. "cuda" and "bf16" for the GPU
-    path (the denoise step then runs as a captured CUDA graph).
+    torch only). backend: a name, or a Backend instance of your own to run the loop on (the path then
+    gives the tokenizer, the generation config and the model's shapes). threads: CPU threads for the
+    backend. prepack (onnxruntime): pre-pack the denoise graph's weights, a private copy traded for speed.
+    providers (onnxruntime): its execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    (default CPU). device, dtype (torch): e.g. "cuda" and "bf16" for the GPU path (the denoise step then
+    runs as a captured CUDA graph). verify (exports): check weights.bin against the manifest's sha256
+    (hashed once, then cached by size, mtime and inode); False skips it with a warning.
     """
     path = Path(path)
-    if backend is not None and backend not in BACKENDS:
-        raise DgrtError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
+    name, custom = (backend, None) if isinstance(backend, str) or backend is None else (None, backend)
+    if name is not None and name not in BACKENDS:
+        raise DgrtError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}.")
+    if custom is not None and not all(hasattr(custom, m) for m in ("prefill", "denoise", "close")):
+        raise DgrtError(f"backend is a {type(custom).__name__}; expected a name ({', '.join(BACKENDS)}) or a Backend.")
     if dtype is not None and dtype not in DTYPES:
         raise DgrtError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
-    if (device or dtype) and backend not in (None, "torch"):
-        raise DgrtError(f"device and dtype choose where the torch backend runs; the {backend} backend has its own.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DgrtError(f"threads is {threads!r}, expected a positive integer (or None for the backend's default).")
+    if (device or dtype) and name not in (None, "torch"):
+        raise DgrtError(f"device and dtype choose where the torch backend runs; the {name} backend has its own.")
+    if providers is not None and name not in (None, "onnxruntime"):
+        raise DgrtError(f"providers choose where ONNX Runtime runs; the {name} backend has its own.")
     torch_options = {"device": device or "cpu", "dtype": torch_dtype(dtype) if dtype else None}
     if (path / "manifest.json").exists():
-        default = "torch" if device or dtype else "onnxruntime"
-        return _load_export(path, backend or default, threads, prepack, torch_options)
-    if (path / "config.json").exists():
-        if backend not in (None, "torch"):
-            raise DgrtError(f"{path} is a checkpoint; the {backend} backend runs exports (make one with dgrt export).")
-        return _load_checkpoint(path, threads, torch_options)
-    raise DgrtError(f"{path}: neither an export directory (manifest.json) nor a checkpoint folder (config.json).")
+        from dgrt.contract import manifest as manifest_mod
 
+        manifest = manifest_mod.load(path, verify=verify)
+        cfg, max_context = manifest.config, manifest.max_context
+        name = name or ("torch" if device or dtype else "onnxruntime")
+        runner = custom or _export_backend(path, manifest, name, threads, prepack, providers, torch_options)
+    elif (path / "config.json").exists():
+        from dgrt.checkpoint import Checkpoint, load_model
 
-def _generation_config(path: Path) -> dict[str, Any]:
-    import json
-
-    file = path / "generation_config.json"
-    if not file.exists():
-        return {}
-    try:
-        return dict(json.loads(file.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise DgrtError(f"{file}: not a valid generation config ({e}).") from None
+        if name not in (None, "torch"):
+            raise DgrtError(f"{path} is a checkpoint; the {name} backend runs exports (make one with dgrt export).")
+        ckpt = Checkpoint.open(path)
+        cfg, max_context = ckpt.config, ckpt.config.max_position_embeddings
+        runner = custom or _torch_backend(load_model(ckpt), threads, torch_options)
+    else:
+        raise DgrtError(f"{path}: neither an export directory (manifest.json) nor a checkpoint folder (config.json).")
+    return Generator(
+        runner,
+        _tokenizer(path),
+        _info(cfg, max_context),
+        SamplerConfig.from_generation_config(generation := read_generation_config(path, cfg.vocab_size)),
+        generation,
+    )
 
 
 def _tokenizer(path: Path) -> Tokenizer | None:
@@ -84,13 +103,6 @@ def _info(cfg: ModelConfig, max_context: int) -> ModelInfo:
     )
 
 
-def _generator(backend: Backend, path: Path, cfg: ModelConfig, max_context: int) -> Generator:
-    gen_config = _generation_config(path)
-    return Generator(
-        backend, _tokenizer(path), _info(cfg, max_context), SamplerConfig.from_generation_config(gen_config), gen_config
-    )
-
-
 def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> TorchBackend:
     if options["device"].startswith("cuda") and not torch.cuda.is_available():
         raise DgrtError(f"device {options['device']!r} asked for, but torch sees no CUDA GPU.")
@@ -101,53 +113,37 @@ def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> 
     return TorchBackend(model, threads)
 
 
-def _load_checkpoint(path: Path, threads: int | None, torch_options: dict[str, Any]) -> Generator:
-    from dgrt.checkpoint import Checkpoint, load_model
-
-    ckpt = Checkpoint.open(path)
-    backend = _torch_backend(load_model(ckpt), threads, torch_options)
-    return _generator(backend, path, ckpt.config, ckpt.config.max_position_embeddings)
-
-
-def _load_export(
-    path: Path, backend: str, threads: int | None, prepack: bool, torch_options: dict[str, Any]
-) -> Generator:
-    from dgrt.exporter import manifest as manifest_mod
-
-    manifest = manifest_mod.load(path)
-    for name, graph in manifest["graphs"].items():
-        if manifest_mod.file_sha256(path / graph["file"]) != graph["sha256"]:
-            raise DgrtError(f"{path / graph['file']} does not match the {name} graph manifest.json describes.")
-    weights = path / manifest["weights"]["file"]
-    if weights.stat().st_size != manifest["weights"]["bytes"]:
-        raise DgrtError(
-            f"{weights} has {weights.stat().st_size} bytes; manifest.json says {manifest['weights']['bytes']}."
-        )
-    cfg = ModelConfig.from_dict(manifest["config"], f"{path / 'manifest.json'} config")
-    runner: Backend
-    if backend == "onnxruntime":
-        runner = OnnxRuntimeBackend(path, manifest, threads, prepack=prepack)
-    elif backend == "tensorrt":
+def _export_backend(
+    path: Path,
+    manifest: Manifest,
+    name: str,
+    threads: int | None,
+    prepack: bool,
+    providers: Sequence[str] | None,
+    torch_options: dict[str, Any],
+) -> Backend:
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(path, manifest, threads, list(providers) if providers else None, prepack)
+    if name == "tensorrt":
         from dgrt.tensorrt.backend import TensorRTBackend
 
-        runner = TensorRTBackend(path, manifest)
-    else:
-        runner = _torch_backend(_model_from_export(path, manifest, cfg), threads, torch_options)
-    return _generator(runner, path, cfg, manifest["max_context"])
+        return TensorRTBackend(path, manifest)
+    return _torch_backend(_model_from_export(path, manifest), threads, torch_options)
 
 
-def _model_from_export(path: Path, manifest: dict[str, Any], cfg: ModelConfig) -> Any:
+def _model_from_export(path: Path, manifest: Manifest) -> Any:
     """The torch model with the export's weights (read from weights.bin through the graphs' references)."""
     import onnx_ir as ir
 
     from dgrt.model import DiffusionGemma
 
+    cfg = manifest.config
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
-    dtype = torch_dtype(manifest["dtype"])
+    dtype = manifest.torch_dtype
     state: dict[str, torch.Tensor] = {}
-    for graph in manifest["graphs"].values():
-        for name, value in ir.load(path / graph["file"]).graph.initializers.items():
+    for graph in manifest.graphs.values():
+        for name, value in ir.load(path / graph.file).graph.initializers.items():
             if name.startswith("model.") and name.removeprefix("model.") not in state and value.const_value is not None:
                 state[name.removeprefix("model.")] = torch.from_numpy(value.const_value.numpy().copy())
     params = dict(model.named_parameters())

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from dgrt.contract.io_spec import TORCH_DTYPES
+from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.exporter.io_spec import TORCH_DTYPES, torch_dtype
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
 from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
 from dgrt.tensorrt.plan import BuildOptions, max_shapes, onnx_digest
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-
     import tensorrt as trt
 
 
-def find_engines(export_dir: Path, manifest: dict[str, Any], trt_version: str, gpu: str) -> Path:
+def find_engines(export_dir: Path, manifest: Manifest, trt_version: str, gpu: str) -> Path:
     """The engine directory built for this export, TensorRT version and GPU; one clear error otherwise."""
     found = []
     for file in sorted((export_dir / "engines").glob(f"*/{ENGINE_FILE}")):
@@ -54,7 +55,7 @@ def _shape(dims: trt.Dims) -> tuple[int, ...]:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, export_dir: Path, manifest: dict[str, Any], engine_dir: Path | None = None):
+    def __init__(self, export_dir: Path, manifest: Manifest, engine_dir: Path | None = None):
         version = require_tensorrt()
         import tensorrt as trt
 
@@ -67,8 +68,9 @@ class TensorRTBackend:
                 f"machine has TensorRT {version} and {gpu}. Rebuild with: dgrt build {export_dir}"
             )
         self.device = torch.device("cuda")
-        self.dtype = torch_dtype(manifest["dtype"])
-        self.specs = manifest["graphs"]
+        self.dtype = manifest.torch_dtype
+        self.files = {name: graph.file for name, graph in manifest.graphs.items()}
+        self.specs = {name: graph.spec for name, graph in manifest.graphs.items()}
         self.stream = torch.cuda.Stream()
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
@@ -83,7 +85,7 @@ class TensorRTBackend:
                 refitter = trt.Refitter(engine, logger)
                 if (
                     not trt.OnnxParserRefitter(refitter, logger).refit_from_file(
-                        str(export_dir / self.specs[graph]["file"])
+                        str(export_dir / self.files[graph])
                     )
                     or not refitter.refit_cuda_engine()
                 ):
@@ -95,13 +97,11 @@ class TensorRTBackend:
         self.max_shapes = {g: max_shapes(manifest, g, options) for g in GRAPHS}
         self.buffers = {
             g: {
-                t["name"]: torch.empty(
-                    int(torch.Size(self.max_shapes[g][t["name"]]).numel()),
-                    dtype=TORCH_DTYPES[t["dtype"]],
-                    device="cuda",
+                t.name: torch.empty(
+                    int(torch.Size(self.max_shapes[g][t.name]).numel()), dtype=TORCH_DTYPES[t.dtype], device="cuda"
                 )
-                for t in self.specs[g]["inputs"] + self.specs[g]["outputs"]
-                if "layer" not in t or t["name"].startswith("new_")  # pasts are bound to the cache in place
+                for t in self.specs[g].inputs + self.specs[g].outputs
+                if t.layer is None or t.name.startswith("new_")  # pasts are bound to the cache in place
             }
             for g in GRAPHS
         }
@@ -113,10 +113,10 @@ class TensorRTBackend:
     def _bind(self, graph: str, values: dict[str, torch.Tensor], past: list[KV]) -> None:
         """Copy host inputs into their device buffers, bind every input (pasts in place) and output."""
         context = self.contexts[graph]
-        for spec in self.specs[graph]["inputs"]:
-            name = spec["name"]
-            if "layer" in spec:
-                k, v = past[spec["layer"]]
+        for spec in self.specs[graph].inputs:
+            name = spec.name
+            if spec.layer is not None:
+                k, v = past[spec.layer]
                 tensor = (k if name.endswith(".key") else v).contiguous()
             else:
                 value = values[name]
@@ -125,15 +125,14 @@ class TensorRTBackend:
                     tensor.copy_(value, non_blocking=True)
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
-        for spec in self.specs[graph]["outputs"]:
-            shape = _shape(context.get_tensor_shape(spec["name"]))
-            context.set_tensor_address(spec["name"], self._view(graph, spec["name"], shape).data_ptr())
+        for spec in self.specs[graph].outputs:
+            shape = _shape(context.get_tensor_shape(spec.name))
+            context.set_tensor_address(spec.name, self._view(graph, spec.name, shape).data_ptr())
 
     def _outputs(self, graph: str) -> list[torch.Tensor]:
         context = self.contexts[graph]
         return [
-            self._view(graph, s["name"], _shape(context.get_tensor_shape(s["name"])))
-            for s in self.specs[graph]["outputs"]
+            self._view(graph, s.name, _shape(context.get_tensor_shape(s.name))) for s in self.specs[graph].outputs
         ]
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from dgrt.contract import manifest as manifest_mod
+from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.exporter import manifest as manifest_mod
 from dgrt.fsutil import atomic_dir, atomic_write_bytes
 from dgrt.progress import Progress
 from dgrt.tensorrt.plan import (
@@ -25,7 +26,6 @@ from dgrt.tensorrt.plan import (
     engine_key,
     network_flags,
     onnx_digest,
-    precision,
     profiles,
 )
 from dgrt.tensorrt.targets import check_precision, resolve
@@ -65,19 +65,21 @@ def build(
     timing_cache: Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
 ) -> Path:
-    """Build (or reuse) the engines of an export; returns their directory."""
+    """Build (or reuse) the engines of an export; returns their directory. verify: check the weights'
+    sha256 against the manifest first (see dgrt.contract.manifest.load)."""
     export_dir, progress = Path(export_dir), progress or Progress()
-    manifest = manifest_mod.load(export_dir)
-    if "tensorrt" not in manifest.get("targets", []):
-        raise DgrtError(f"{export_dir} is not meant for TensorRT (manifest targets: {manifest.get('targets')}).")
-    options = (options or BuildOptions()).checked(manifest["max_context"], manifest["canvas_length"])
+    manifest = manifest_mod.load(export_dir, verify=verify)
+    if "tensorrt" not in manifest.targets:
+        raise DgrtError(f"{export_dir} is not meant for TensorRT (manifest targets: {list(manifest.targets)}).")
+    options = (options or BuildOptions()).checked(manifest.max_context, manifest.canvas_length)
     version = require_tensorrt()
     import tensorrt as trt
 
     gpu, cc = require_gpu()
     target = resolve(options.target, gpu, cc)
-    check_precision(target, precision(manifest))
+    check_precision(target, manifest.precision)
     major = check_version(version, manifest)
     key = engine_key(manifest, options, version, gpu, cc)
     out = export_dir / "engines" / key
@@ -88,6 +90,8 @@ def build(
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.exists() else b""
+    # No inputs=: the engines live inside the export by design (EXPORT/engines/<key>); only this key's
+    # folder is ever replaced, never the export or the ONNX files it is built from.
     with atomic_dir(out, force=True) as tmp:
         for graph in GRAPHS:
             progress.update(f"building the {graph} engine (TensorRT {version}, {gpu})")
@@ -99,7 +103,7 @@ def build(
             "gpu": gpu,
             "compute_capability": list(cc),
             "target": target.name,
-            "precision": precision(manifest),
+            "precision": manifest.precision,
             "network_flags": network_flags(major),
             "builder_flags": builder_flags(major, options),
             "options": options.__dict__,
@@ -118,7 +122,7 @@ def _build_graph(
     builder: trt.Builder,
     logger: trt.ILogger,
     export_dir: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     graph: str,
     options: BuildOptions,
     major: int,
@@ -132,7 +136,7 @@ def _build_graph(
         flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    onnx_file = export_dir / manifest["graphs"][graph]["file"]
+    onnx_file = export_dir / manifest.graphs[graph].file
     if not parser.parse_from_file(str(onnx_file)):  # reads weights.bin next to it (external data)
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise DgrtError(f"TensorRT's ONNX parser refused {onnx_file}: {errors}")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
+from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 
 # First TensorRT version whose ONNX parser takes each precision's Q/DQ (research/onnx_trt.md §2.3).
@@ -45,18 +45,13 @@ class BuildOptions:
         return replace(self, max_context=max_context, opt_context=opt)
 
 
-def precision(manifest: dict[str, Any]) -> str:
-    """The precision an export's engines run in: its quantization recipe, else its dtype."""
-    return str((manifest.get("quantization") or {}).get("recipe") or manifest["dtype"])
-
-
-def check_version(trt_version: str, manifest: dict[str, Any]) -> int:
+def check_version(trt_version: str, manifest: Manifest) -> int:
     """The TensorRT major version, after checking it can parse this export."""
     major, minor = (int(x) for x in trt_version.split(".")[:2])
-    need = MIN_VERSION[precision(manifest)]
+    need = MIN_VERSION[manifest.precision]
     if (major, minor) < need:
         raise DgrtError(
-            f"TensorRT {trt_version} cannot build {precision(manifest)} engines; "
+            f"TensorRT {trt_version} cannot build {manifest.precision} engines; "
             f"{need[0]}.{need[1]} or newer is needed."
         )
     return major
@@ -81,7 +76,7 @@ def builder_flags(major: int, options: BuildOptions) -> list[str]:
     return flags
 
 
-def dim_ranges(manifest: dict[str, Any], graph: str, options: BuildOptions) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(manifest: Manifest, graph: str, options: BuildOptions) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each symbolic dimension of a graph, from the build options.
 
     Prefill takes up to max_context new tokens (opt: one canvas, the length it runs most); a past may be
@@ -89,7 +84,7 @@ def dim_ranges(manifest: dict[str, Any], graph: str, options: BuildOptions) -> d
     sliding_window - 1 tokens (the runtime keeps no more).
     """
     assert options.max_context is not None and options.opt_context is not None  # see BuildOptions.checked
-    canvas, window = manifest["canvas_length"], manifest["sliding_window"]
+    canvas, window = manifest.canvas_length, manifest.config.sliding_window
     past_max = options.max_context - (canvas if graph == "denoise" else 1)
     opt = min(options.opt_context, past_max)
     return {
@@ -100,36 +95,34 @@ def dim_ranges(manifest: dict[str, Any], graph: str, options: BuildOptions) -> d
     }
 
 
-def profiles(manifest: dict[str, Any], graph: str, options: BuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
+def profiles(manifest: Manifest, graph: str, options: BuildOptions) -> dict[str, tuple[Shape, Shape, Shape]]:
     """Input name -> (min, opt, max) shapes for the graph's optimization profile (inputs with symbolic
     dimensions only)."""
     ranges = dim_ranges(manifest, graph, options)
     out = {}
-    for spec in manifest["graphs"][graph]["inputs"]:
-        if all(isinstance(d, int) for d in spec["shape"]):
+    for spec in manifest.graphs[graph].spec.inputs:
+        if all(isinstance(d, int) for d in spec.shape):
             continue
-        shapes = [tuple(d if isinstance(d, int) else ranges[d][k] for d in spec["shape"]) for k in range(3)]
-        out[spec["name"]] = (shapes[0], shapes[1], shapes[2])
+        shapes = [tuple(d if isinstance(d, int) else ranges[d][k] for d in spec.shape) for k in range(3)]
+        out[spec.name] = (shapes[0], shapes[1], shapes[2])
     return out
 
 
-def max_shapes(manifest: dict[str, Any], graph: str, options: BuildOptions) -> dict[str, Shape]:
+def max_shapes(manifest: Manifest, graph: str, options: BuildOptions) -> dict[str, Shape]:
     """Every input and output of a graph at its largest: what the backend allocates once."""
     ranges = dim_ranges(manifest, graph, options)
-    spec = manifest["graphs"][graph]
-    return {
-        t["name"]: tuple(d if isinstance(d, int) else ranges[d][2] for d in t["shape"])
-        for t in spec["inputs"] + spec["outputs"]
-    }
+    spec = manifest.graphs[graph].spec
+    tensors = spec.inputs + spec.outputs
+    return {t.name: tuple(d if isinstance(d, int) else ranges[d][2] for d in t.shape) for t in tensors}
 
 
-def onnx_digest(manifest: dict[str, Any]) -> dict[str, str]:
+def onnx_digest(manifest: Manifest) -> dict[str, str]:
     """What the engines are built from: each graph's and the weights' sha256 (engine.json records it)."""
-    return {g: v["sha256"] for g, v in manifest["graphs"].items()} | {"weights": manifest["weights"]["sha256"]}
+    return {g: v.sha256 for g, v in manifest.graphs.items()} | {"weights": manifest.weights.sha256}
 
 
 def engine_key(
-    manifest: dict[str, Any], options: BuildOptions, trt_version: str, gpu: str, compute_capability: tuple[int, int]
+    manifest: Manifest, options: BuildOptions, trt_version: str, gpu: str, compute_capability: tuple[int, int]
 ) -> str:
     """The engine cache key: TensorRT version, GPU, precision, profiles, flags and the ONNX digest. Any
     change gives another key, so a stale engine is never reused."""
@@ -137,10 +130,10 @@ def engine_key(
         "tensorrt": trt_version,
         "gpu": gpu,
         "compute_capability": list(compute_capability),
-        "precision": precision(manifest),
+        "precision": manifest.precision,
         "options": asdict(options),
-        "profiles": {g: profiles(manifest, g, options) for g in manifest["graphs"]},
+        "profiles": {g: profiles(manifest, g, options) for g in manifest.graphs},
         "onnx": onnx_digest(manifest),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return f"sm{compute_capability[0]}{compute_capability[1]}-{precision(manifest)}-{digest}"
+    return f"sm{compute_capability[0]}{compute_capability[1]}-{manifest.precision}-{digest}"
