@@ -28,11 +28,11 @@ import torch
 
 from dgrt.errors import DgrtError, check_ints
 from dgrt.progress import Progress
-from dgrt.runtime.backends import DenoiseInputs, TorchBackend
+from dgrt.runtime.backends import DenoiseInputs
 from dgrt.runtime.generator import CanvasEvent, Generator
-from dgrt.task import Task, score
+from dgrt.runtime.kv_cache import KVCache
+from dgrt.task import TASK_EXAMPLES, Task, score
 
-TASK_EXAMPLES = 200  # held-out questions scored when the model was trained on dgrt's task
 DEFAULT_PROMPT_LENGTHS = (16, 128, 512)
 DEFAULT_PAST_LENGTHS = (0, 256, 1024, 4096)
 
@@ -90,11 +90,10 @@ def bench_generator(gen: Generator, prompt_lengths: list[int], past_lengths: lis
     c, rng = info.canvas_length, torch.Generator().manual_seed(0)
     result = SideResult()
     pad, device = torch.zeros(1, dtype=torch.int64), backend.device
-    empty = [(torch.zeros(1, s.num_kv_heads, 0, s.head_dim, dtype=backend.dtype, device=device),) * 2
-             for s in info.layers]  # fmt: skip
     for p in prompt_lengths:
         progress.update(f"prefill of {p} tokens")
         ids = torch.randint(0, info.vocab_size, (1, p), generator=rng)
+        empty = KVCache(info.layers, 1, p, p, backend.dtype, device).past()  # as generate prefills a prompt
         result.prefill_seconds[p] = Timing.of(partial(backend.prefill, ids, torch.arange(p)[None], pad, empty), runs)
     for past_len in past_lengths:
         progress.update(f"denoise step over {past_len} cached tokens")
@@ -240,7 +239,7 @@ def run_bench(
                     f"that and cached lengths at most {longest} (the canvas needs the rest)."
                 )
             side = bench_generator(gen, prompt_lengths, past_lengths, step_counts, runs, progress)
-            weight_bytes = _weight_bytes(gen, path)
+            weight_bytes = _weight_bytes(path)
             report["canvas_length"] = gen.info.canvas_length
             traffic = weight_bytes / side.step_seconds[min(past_lengths)].median
             sides[gen.backend.name] = side
@@ -274,13 +273,16 @@ def run_bench(
     return report
 
 
-def _weight_bytes(gen: Generator, path: Path) -> int:
-    """Bytes of weights a denoise step reads: the export's weights file, or the torch model's parameters."""
-    if isinstance(gen.backend, TorchBackend):
-        return sum(p.numel() * p.element_size() for p in gen.backend.model.parameters())
-    from dgrt.contract import manifest as manifest_mod
+def _weight_bytes(path: Path) -> int:
+    """Bytes of weights a denoise step reads, as stored (every backend here loads them in their dtype): the
+    export's weights file, or the checkpoint's text weights."""
+    if (path / "manifest.json").exists():
+        from dgrt.contract import manifest as manifest_mod
 
-    return manifest_mod.load(path).weights.bytes
+        return manifest_mod.load(path).weights.bytes
+    from dgrt.checkpoint import Checkpoint
+
+    return Checkpoint.open(path).weight_bytes
 
 
 def _side_json(side: SideResult) -> dict[str, Any]:

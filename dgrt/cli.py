@@ -124,7 +124,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from dgrt.runtime.display import CanvasDisplay, summary
 
     gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
-    options: dict[str, object] = {"seed": args.seed, "chat": not args.raw}
+    options: dict[str, Any] = {"seed": args.seed, "chat": not args.raw}
     for name in ("max_new_tokens", "steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
                  "confidence_threshold"):  # fmt: skip
         if getattr(args, name) is not None:

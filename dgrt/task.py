@@ -24,6 +24,7 @@ SHIPPED = "trained/reverse"  # the trained checkpoint inside the package (tools/
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 QUESTION = "Reverse: "  # then the letters
 HELD_OUT_SEED = 20261128  # training draws from other seeds; see tools/train_small.py
+TASK_EXAMPLES = 200  # held-out questions a trained model is scored on (validate, bench, the quantization report)
 
 
 def shipped_checkpoint() -> Path:

@@ -11,9 +11,8 @@ Three kinds of evidence, each against a threshold for the export's precision:
   (the reference's multinomial is replaced by the same inverse-CDF draw); token agreement and steps per
   canvas.
 
-Polygraphy's comparator was considered: its per-output tolerance checks fit the teacher-forced tensors, but
-the teacher forcing itself (feeding the reference's trajectory and cache) and the end-to-end run need
-custom drivers anyway, so the few statistics are computed here.
+The teacher forcing and the statistics are dgrt.compare's, shared with the quantization report, the GPU
+check and the parity tests.
 """
 
 from __future__ import annotations
@@ -28,26 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgrt.contract.manifest import Manifest
+from dgrt.compare import DEFAULT_PROMPTS, Comparison, HFReference, TeacherForcing, subject_logits, torch_logits
 from dgrt.errors import MAX_SEED, DgrtError, check_ints
 from dgrt.model.sampling import sample_from_uniform
-from dgrt.runtime.backends import KV, Backend, DenoiseInputs, OnnxRuntimeBackend, TorchBackend, session_options
-from dgrt.runtime.generator import Generator, ModelInfo
-from dgrt.runtime.sampler import accept
-from dgrt.task import Task, score
+from dgrt.runtime.backends import TorchBackend
+from dgrt.runtime.generator import Generator
+from dgrt.task import TASK_EXAMPLES, Task, score
 
-TASK_EXAMPLES = 200
-DEFAULT_PROMPTS = (
-    "Reverse the string 'diffusion'.",
-    "List three prime numbers.",
-    "Write one sentence about the sea.",
-)
 # Without a tokenizer: random token-id prompts about as long as the built-in ones with a chat template
 # (41-49 tokens with the tiny character tokenizer, ~15 with Gemma's), one longer than a sliding window.
 RANDOM_PROMPT_LENGTHS = (12, 24, 48)
 
 
-def _bounds(dtype: str, baseline: tuple[Stats, Stats]) -> dict[str, float | None]:
+def _bounds(dtype: str, baseline: Comparison) -> dict[str, float | None]:
     """Pass bounds, relative to a baseline: dgrt's PyTorch modules at the export's dtype, run on the same
     teacher-forced inputs against the fp32 reference.
 
@@ -62,7 +54,7 @@ def _bounds(dtype: str, baseline: tuple[Stats, Stats]) -> dict[str, float | None
     fp16/bf16: the baseline is the precision's own error; the export may be at most twice as far from fp32
     (plus a floor). Sequences diverge after the first changed acceptance: token agreement is reported only.
     """
-    kv, logits = baseline
+    kv, logits = baseline.kv, baseline.logits
     if dtype == "fp32":
         return {
             "kv_p99": max(1e-3, 10 * kv.p99),
@@ -130,55 +122,6 @@ class Report:
         return "\n".join(lines)
 
 
-class Stats:
-    """Error statistics of one compared quantity, per token (K/V) or canvas position (logits)."""
-
-    def __init__(self) -> None:
-        self.abs_sum, self.count, self.agree = 0.0, 0, 0
-        self.token_errors: list[torch.Tensor] = []  # max abs error of each token / position
-        self.cosines: list[torch.Tensor] = []
-
-    def add(self, ours: torch.Tensor, ref: torch.Tensor, token_dim: int, logits: bool = False) -> None:
-        diff = (ours.double() - ref.double()).abs()
-        self.abs_sum += float(diff.sum())
-        self.count += diff.numel()
-        self.token_errors.append(diff.movedim(token_dim, 0).reshape(diff.shape[token_dim], -1).amax(dim=1))
-        if logits:  # [..., C, V]: cosine and argmax per position
-            self.cosines.append(torch.nn.functional.cosine_similarity(ours.double(), ref.double(), dim=-1).flatten())
-            self.agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
-
-    def _errors(self) -> torch.Tensor:
-        return torch.cat(self.token_errors) if self.token_errors else torch.zeros(1, dtype=torch.float64)
-
-    @property
-    def max_abs(self) -> float:
-        return float(self._errors().max())
-
-    @property
-    def p99(self) -> float:
-        return float(torch.quantile(self._errors(), 0.99))
-
-    @property
-    def mean_abs(self) -> float:
-        return self.abs_sum / max(self.count, 1)
-
-    @property
-    def positions(self) -> int:
-        return sum(len(c) for c in self.cosines)
-
-    @property
-    def cosine_p1(self) -> float:
-        return float(torch.quantile(torch.cat(self.cosines), 0.01)) if self.cosines else 1.0
-
-    @property
-    def min_cosine(self) -> float:
-        return float(torch.cat(self.cosines).min()) if self.cosines else 1.0
-
-    @property
-    def agreement(self) -> float:
-        return self.agree / max(self.positions, 1)
-
-
 def validate(
     export_dir: str | Path,
     reference_dir: str | Path,
@@ -204,11 +147,12 @@ def validate(
         import transformers
     except ImportError:
         raise DgrtError("the reference needs transformers: pip install 'dgrt[reference]'.") from None
-    from dgrt.checkpoint import Checkpoint
+    from dgrt.checkpoint import Checkpoint, load_model
+    from dgrt.contract import manifest as manifest_mod
 
     export_dir, reference_dir = Path(export_dir), Path(reference_dir)
     gen = dgrt.load(export_dir, backend=backend)
-    manifest = _manifest(export_dir)
+    manifest = manifest_mod.load(export_dir)
     ref_ckpt = Checkpoint.open(reference_dir)
     notes: list[str] = []
     if prompts is None and gen.tokenizer is not None:
@@ -224,20 +168,13 @@ def validate(
     report = Report(str(export_dir), str(reference_dir), backend, manifest.dtype,
                     same_checkpoint=manifest.source.get("digest") == ref_ckpt.digest(), notes=notes)  # fmt: skip
     encoded = [torch.tensor([ids]) for ids in prompt_ids]
-
-    def compare(runner: Backend, logits_of: Any) -> tuple[Stats, Stats]:
-        kv, logits = Stats(), Stats()
-        for i, ids in enumerate(encoded):
-            teacher_forced(gen.info, runner, HFReference(hf), logits_of, ids, sampler, canvases, seed + i, kv, logits)
-        return kv, logits
+    plan = TeacherForcing(lambda: HFReference(hf), gen.info, encoded, sampler, canvases, seed)
 
     with torch.inference_mode():
-        kv, logits = compare(gen.backend, logits_function(gen, export_dir))
-        from dgrt.checkpoint import load_model
-
-        dtype = manifest.torch_dtype
-        model = load_model(ref_ckpt, dtype=dtype)
-        baseline = compare(TorchBackend(model), _torch_logits(model))
+        measured = plan.errors(gen.backend, subject_logits(gen.backend, export_dir, manifest))
+        kv, logits = measured.kv, measured.logits
+        model = load_model(ref_ckpt, dtype=manifest.torch_dtype)
+        baseline = plan.errors(TorchBackend(model), torch_logits(model))
         e2e = [_shared_noise(gen, hf, ids, sampler, canvases, seed + i) for i, ids in enumerate(prompt_ids)]
 
     agreement = sum(a for a, _, _ in e2e) / len(e2e)
@@ -268,13 +205,13 @@ def validate(
         ]
     report.details["baseline"] = {
         "what": f"dgrt's PyTorch modules in {manifest.dtype} against the fp32 reference, same inputs",
-        "kv_p99_error": baseline[0].p99,
-        "kv_max_abs_error": baseline[0].max_abs,
-        "logits_p99_error": baseline[1].p99,
-        "logits_max_abs_error": baseline[1].max_abs,
-        "logits_mean_abs_error": baseline[1].mean_abs,
-        "logits_min_cosine": baseline[1].min_cosine,
-        "argmax_agreement": baseline[1].agreement,
+        "kv_p99_error": baseline.kv.p99,
+        "kv_max_abs_error": baseline.kv.max_abs,
+        "logits_p99_error": baseline.logits.p99,
+        "logits_max_abs_error": baseline.logits.max_abs,
+        "logits_mean_abs_error": baseline.logits.mean_abs,
+        "logits_min_cosine": baseline.logits.min_cosine,
+        "argmax_agreement": baseline.logits.agreement,
     }
     report.details |= {
         "prompts": [p if isinstance(p, str) else list(p) for p in prompts],
@@ -334,140 +271,6 @@ def _prompt_ids(gen: Generator, export_dir: Path, prompts: Sequence[str | Sequen
             )
         encoded.append(ids)
     return encoded
-
-
-def _manifest(export_dir: Path) -> Manifest:
-    from dgrt.contract import manifest as manifest_mod
-
-    return manifest_mod.load(export_dir)
-
-
-def logits_function(gen: Generator, export_dir: Path) -> Any:
-    """A function (DenoiseInputs, past) -> logits [B, C, V] for the generator's backend."""
-    backend = gen.backend
-    if isinstance(backend, OnnxRuntimeBackend):
-        import onnx
-        import onnxruntime as ort
-
-        manifest = _manifest(export_dir)
-        graph = onnx.load(str(export_dir / manifest.graphs["denoise"].file), load_external_data=False)
-        if not any("logits" in node.output for node in graph.graph.node):
-            raise DgrtError(f"{export_dir}: its denoise graph has no 'logits' value to compare; re-export it.")
-        if "logits" not in [o.name for o in graph.graph.output]:  # expose the graph's internal logits
-            graph.graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
-        options = session_options(manifest)
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
-        session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-
-        def run(inputs: DenoiseInputs, past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-            flat = [t for kv in past for t in kv]
-            feed = dict(zip(names, [t.numpy() for t in (*vars(inputs).values(), *flat)], strict=True))
-            return torch.from_numpy(session.run(["logits"], feed)[0])
-
-        return run
-
-    return _torch_logits(backend.model)  # type: ignore[attr-defined]
-
-
-def _torch_logits(model: Any) -> Any:
-    def run(inputs: DenoiseInputs, past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        return model.denoise(inputs.canvas_ids, inputs.soft_embeds, inputs.position_ids, past, inputs.pad_lengths)
-
-    return run
-
-
-class HFReference:
-    """transformers' model as the teacher-forcing reference: its DynamicCache, decoder and soft embeddings."""
-
-    def __init__(self, hf: Any):
-        from transformers.cache_utils import DynamicCache
-
-        self.hf = hf
-        self.cache: Any = DynamicCache(config=hf.config.text_config)  # its layers are typed loosely
-
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The whole cache after adding tokens (sliding layers keep only their window)."""
-        self.hf.model.encoder(input_ids=tokens, past_key_values=self.cache, position_ids=positions)
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
-
-    def denoise(self, canvas: torch.Tensor, positions: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
-        return self.hf(decoder_input_ids=canvas, past_key_values=self.cache, decoder_position_ids=positions,
-                       self_conditioning_logits=processed).logits  # fmt: skip
-
-    def soft(self, processed: torch.Tensor) -> torch.Tensor:
-        emb = self.hf.model.decoder.embed_tokens
-        probs = processed.softmax(dim=-1, dtype=torch.float32).to(emb.weight.dtype)
-        return torch.matmul(probs, emb.weight) * emb.embed_scale.to(emb.weight.dtype)
-
-
-def _appended(past: list[KV], new: list[KV]) -> list[KV]:
-    """Each layer's past with the new tokens' K/V after it."""
-    return [(torch.cat([a, x], 2), torch.cat([b, y], 2)) for (a, b), (x, y) in zip(past, new, strict=True)]
-
-
-class TorchReference:
-    """dgrt's own fp32 PyTorch modules as the reference (the same math as the fp32 graphs): what a
-    quantized export is measured against."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.past: list[tuple[torch.Tensor, torch.Tensor]] = model.empty_past(1)
-
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        new = self.model.prefill(tokens, positions, self.past)
-        self.past = _appended(self.past, new)
-        return self.past
-
-    def denoise(self, canvas: torch.Tensor, positions: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
-        soft = torch.zeros(*canvas.shape, self.model.config.hidden_size) if processed is None else self.soft(processed)
-        return self.model.denoise(canvas, soft, positions, self.past)
-
-    def soft(self, processed: torch.Tensor) -> torch.Tensor:
-        return self.model.soft_embeddings(processed)
-
-
-def teacher_forced(info: ModelInfo, backend: Backend, reference: Any, logits_of: Any, ids: torch.Tensor,
-                    sampler: Any, canvases: int, seed: int, kv: Stats, logits: Stats) -> None:  # fmt: skip
-    """Follow the reference's own sampling trajectory for `canvases` canvases; at every prefill and
-    denoise step give the backend exactly the reference's inputs and compare its K/V and logits."""
-    c, p = info.canvas_length, ids.shape[1]
-    rng = torch.Generator().manual_seed(seed)
-    pad = torch.zeros(1, dtype=torch.int64)
-    past = [(torch.zeros(1, s.num_kv_heads, 0, s.head_dim, dtype=backend.dtype),) * 2 for s in info.layers]
-
-    def prefill(tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        nonlocal past
-        ref_cache = reference.prefill(tokens, positions)
-        new = backend.prefill(tokens, positions, pad, past)
-        for (k, v), (ref_k, ref_v) in zip(new, ref_cache, strict=True):
-            n = min(ref_k.shape[2], k.shape[2])  # the new tokens, or those of them in a sliding window
-            kv.add(k[:, :, -n:].float(), ref_k[:, :, -n:], token_dim=2)
-            kv.add(v[:, :, -n:].float(), ref_v[:, :, -n:], token_dim=2)
-        past = _appended(past, new)
-
-    prefill(ids, torch.arange(p)[None])
-    for k in range(canvases):
-        positions = torch.arange(p + k * c, p + (k + 1) * c)[None]
-        canvas = torch.randint(0, info.vocab_size, (1, c), generator=rng)
-        soft = torch.zeros(1, c, info.hidden_size)
-        sc = None
-        for step in range(sampler.steps, 0, -1):
-            ref = reference.denoise(canvas, positions, sc)
-            temperature = sampler.temperature(step).reshape(1)
-            inputs = DenoiseInputs(
-                canvas, soft.to(backend.dtype), positions, pad, temperature, torch.rand(1, c, generator=rng)
-            )
-            logits.add(logits_of(inputs, past).float(), ref, token_dim=1, logits=True)
-            # The reference's own sampler step picks the next input: its trajectory, not ours.
-            processed = ref / temperature
-            probs = processed.softmax(-1)
-            entropy = torch.distributions.Categorical(logits=processed).entropy()
-            sample = sample_from_uniform(probs, inputs.uniform)
-            noise = torch.randint(0, info.vocab_size, (1, c), generator=rng)
-            canvas = torch.where(accept(entropy, sampler.entropy_bound), sample, noise)
-            sc, soft = processed, reference.soft(processed)
-        prefill(ref.argmax(-1), positions)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,10 @@ uniform number per position, taken from that same stream in the same order.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import torch
 
 import dgrt
 from dgrt.cli import main
-from dgrt.runtime.generator import Generator
+from dgrt.runtime.generator import Generator, Session
+from dgrt.runtime.sampler import SamplerConfig, SamplerSettings
 from dgrt.validate import inverse_cdf_multinomial
 
 STEPS = 8
@@ -208,7 +211,15 @@ def tiny(exports: dict[str, Path]) -> Generator:
         ("hi", {"pad_token_id": -1}, "pad_token_id is -1, expected a token id (an integer from 0 to 255), or None."),
         ("hi", {"chat": "no"}, "chat is 'no', expected True"),
         ("hi", {"on_event": 3}, "on_event is 3, expected a callable"),
-        ("hi", {"temperature": 1.0}, "unknown option(s) ['temperature']; the accepted options are on_event, max_new"),
+        ("hi", {"sampler": {"steps": 4}}, "sampler is {'steps': 4}, expected a SamplerConfig"),
+        ("hi", {"sampler": SamplerConfig(steps=0)}, "steps is 0, expected an integer from 1 to 10000."),
+        (
+            "hi",
+            {"temperature": 1.0},
+            "unknown option(s) ['temperature']; the accepted options are max_new_tokens, seed, chat, eos_token_id, "
+            "pad_token_id, sampler, on_event, steps, t_min, t_max, entropy_bound, stability_threshold, "
+            "confidence_threshold.",
+        ),
         ("hi", {"sesion": None}, "unknown option(s) ['sesion']"),
     ],
 )
@@ -225,6 +236,26 @@ def test_stream_checks_its_arguments_when_called(tiny: Generator) -> None:
         tiny.stream("hi", on_event=print)  # not iterated: the error comes from the call itself
     with pytest.raises(dgrt.errors.DgrtError, match="a session continues one conversation; pass one prompt"):
         tiny.session().stream(["a", "b"])
+
+
+def test_a_sampler_config_runs_as_its_settings_given_as_keywords_which_override_it(tiny: Generator) -> None:
+    as_keywords = tiny.generate("Hi", seed=0, max_new_tokens=16, steps=2, t_max=0.6)
+    config = tiny.sampler.with_overrides(steps=2, t_max=0.6)
+    as_config = tiny.generate("Hi", seed=0, max_new_tokens=16, sampler=config)
+    assert as_config.steps_per_canvas == [[2]] and as_config.tokens == as_keywords.tokens
+    assert tiny.generate("Hi", seed=0, max_new_tokens=16, sampler=config, steps=3).steps_per_canvas == [[3]]
+
+
+def test_generate_stream_and_session_turns_take_the_same_typed_options() -> None:
+    def options(method: Any) -> list[tuple[str, Any, Any]]:
+        """(name, annotation, default) of each option, **settings included."""
+        params = list(inspect.signature(method).parameters.values())[2:]  # after self and the prompts
+        return [(p.name, p.annotation, p.default) for p in params]
+
+    assert options(Session.generate) == options(Generator.generate)
+    assert options(Session.stream) == options(Generator.stream)
+    assert options(Generator.stream) == [o for o in options(Generator.generate) if o[0] != "on_event"]
+    assert list(SamplerSettings.__annotations__) == [f.name for f in fields(SamplerConfig)]
 
 
 def test_token_ids_may_be_lists_tuples_arrays_or_tensors(tiny: Generator) -> None:

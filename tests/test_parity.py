@@ -1,9 +1,11 @@
 """dgrt's torch modules against transformers' DiffusionGemma, teacher-forced, in float32.
 
-Each case runs a whole block-diffusion chain on both sides with the same inputs: the prompt prefill, then
-for each of 3 canvases a denoise step without and one with self-conditioning, then the prefill of the
-finished (argmax) canvas at the decoder's positions. Prefill K/V are compared with the HF DynamicCache's
-contents, denoise logits with HF's. Tolerance: 1e-4 max abs.
+Each case runs a whole block-diffusion chain on transformers' own trajectory (dgrt.compare): the prompt
+prefill, then for each of 3 canvases a denoise step without and one with self-conditioning (transformers'
+sampler picks the second step's canvas and self-conditioning input), then the prefill of the finished
+(argmax) canvas at the decoder's positions. dgrt runs on the runtime's own cache, and computes its own
+self-conditioning embeddings from transformers' self-conditioning logits. Prefill K/V are compared with
+the HF DynamicCache's contents, denoise logits with HF's. Tolerance: 1e-4 max abs.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import dgrt
 from dgrt.checkpoint import load_model
+from dgrt.compare import Errors, HFReference, PrefillStep, TeacherForcing
 from dgrt.model import DiffusionGemma
+from dgrt.runtime.backends import TorchBackend
+from dgrt.runtime.sampler import SamplerConfig
 
 transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
-from transformers.cache_utils import DynamicCache  # noqa: E402
 
 TOL = 1e-4
 N_CANVASES = 3
@@ -28,60 +33,26 @@ def load_reference(path: Path) -> transformers.DiffusionGemmaForBlockDiffusion:
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
-    err = (ours - ref).abs().max().item()
+    err = Errors.from_tensors(ours, ref).max_abs  # refuses different shapes
     assert err <= TOL, f"{what}: max abs error {err:.3g} > {TOL}"
 
 
-def check_prefill(model: DiffusionGemma, cache: DynamicCache, new: list, what: str) -> None:
-    """HF's sliding layers keep only the last W - 1 tokens: compare the tokens both sides have."""
-    for i, (k, v) in enumerate(new):
-        ref_k, ref_v = cache.layers[i].keys, cache.layers[i].values
-        n = min(ref_k.shape[2], k.shape[2])
-        assert_close(k[:, :, -n:], ref_k[:, :, -n:], f"{what} layer {i} K")
-        assert_close(v[:, :, -n:], ref_v[:, :, -n:], f"{what} layer {i} V")
-
-
-def run_chain(model: DiffusionGemma, hf, prompt: torch.Tensor, seed: int) -> int:
+def run_chain(path: Path, model: DiffusionGemma, hf, prompt: torch.Tensor, seed: int) -> int:
     """The teacher-forced chain described above; returns the number of comparisons made."""
-    cfg = model.config
-    b, p = prompt.shape
-    c = cfg.canvas_length
-    gen = torch.Generator().manual_seed(seed)
-    cache = DynamicCache(config=hf.config.text_config)
     checks = 0
-
-    positions = torch.arange(p)[None].expand(b, -1)
-    hf.model.encoder(input_ids=prompt, past_key_values=cache, position_ids=positions)
-    past = model.prefill(prompt, positions, model.empty_past(b))
-    check_prefill(model, cache, past, "prompt prefill")
-    checks += 1
-
-    for k in range(N_CANVASES):
-        start = p + k * c
-        positions = torch.arange(start, start + c)[None].expand(b, -1)
-        canvas = torch.randint(0, cfg.vocab_size, (b, c), generator=gen)
-        ref = hf(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=positions).logits
-        logits = model.denoise(canvas, torch.zeros(b, c, cfg.hidden_size), positions, past)
-        assert_close(logits, ref, f"canvas {k} first step logits")
-
-        processed = ref / 0.7  # the next step's self-conditioning input: logits over a temperature
-        canvas = torch.randint(0, cfg.vocab_size, (b, c), generator=gen)
-        ref = hf(
-            decoder_input_ids=canvas,
-            past_key_values=cache,
-            decoder_position_ids=positions,
-            self_conditioning_logits=processed,
-        ).logits
-        logits = model.denoise(canvas, model.soft_embeddings(processed), positions, past)
-        assert_close(logits, ref, f"canvas {k} self-conditioned logits")
-
-        finished = ref.argmax(-1)
-        hf.model.encoder(input_ids=finished, past_key_values=cache, position_ids=positions)
-        new = model.prefill(finished, positions, past)
-        check_prefill(model, cache, new, f"canvas {k} prefill")
-        past = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(past, new, strict=True)]
-        checks += 3
+    with dgrt.load(path, backend=TorchBackend(model)) as gen:  # the runtime's model info and cache around it
+        plan = TeacherForcing(lambda: HFReference(hf), gen.info, [prompt], SamplerConfig(steps=2), N_CANVASES, seed)
+        for step in plan.run(gen.backend):
+            if isinstance(step, PrefillStep):
+                what = "prompt prefill" if step.canvas is None else f"canvas {step.canvas} prefill"
+                for name, ours, ref in step.compared():
+                    assert_close(ours, ref, f"{what} {name}")
+            else:
+                conditioning = step.conditioning
+                soft = step.inputs.soft_embeds if conditioning is None else model.soft_embeddings(conditioning)
+                logits = model.denoise(step.inputs.canvas_ids, soft, step.inputs.position_ids, step.past)
+                assert_close(logits, step.logits, f"canvas {step.canvas} step {step.step} logits")
+            checks += 1
     return checks
 
 
@@ -95,13 +66,13 @@ def test_chain_matches_transformers(checkpoints: dict[str, Path], name: str, bat
     window = model.config.sliding_window
     p = max(1, window // 2) if prompt_len == "short" else window + 4  # shorter / longer than the window
     prompt = torch.randint(0, model.config.vocab_size, (batch, p), generator=torch.Generator().manual_seed(p))
-    assert run_chain(model, hf, prompt, seed=batch) == 1 + 3 * N_CANVASES
+    assert run_chain(checkpoints[name], model, hf, prompt, seed=batch) == 1 + 3 * N_CANVASES
 
 
 @torch.inference_mode()
 def test_single_token_prompt(tiny_ckpt: Path) -> None:
     model, hf = load_model(tiny_ckpt), load_reference(tiny_ckpt)
-    run_chain(model, hf, torch.tensor([[2]]), seed=0)
+    assert run_chain(tiny_ckpt, model, hf, torch.tensor([[2]]), seed=0) == 1 + 3 * N_CANVASES
 
 
 @torch.inference_mode()

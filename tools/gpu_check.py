@@ -8,11 +8,11 @@ TensorRT, and says which it skipped and why. Steps:
 1. `pytest -m gpu` (the GPU-marked tests; they skip themselves without TensorRT);
 2. exports dgrt's trained model and the `small` and `bench` presets (fp32) and builds TensorRT engines for
    them where TensorRT is, plus FP8 and INT4 engines of the trained model;
-3. for each backend at hand (torch CUDA fp32 and bf16 with CUDA graphs, ONNX Runtime CUDA, TensorRT),
-   against the CPU reference (dgrt's fp32 modules on ONNX Runtime CPU, equal to transformers in fp32):
-   teacher-forced step outputs on identical inputs (argmax and sample agreement, entropy and
-   soft-embedding error), task accuracy on the trained model (also for its FP8 / INT4 engines), denoise-step
-   latency on the bench preset (median of repeated steps after a warm-up);
+3. for each backend at hand (torch CUDA fp32 and bf16 with CUDA graphs, ONNX Runtime CUDA, TensorRT):
+   teacher-forced on the trajectory of dgrt's fp32 PyTorch modules on the CPU (equal to transformers in
+   fp32; dgrt.compare), the prefill K/V and the step outputs on identical inputs (argmax and sample
+   agreement, entropy and soft-embedding error); task accuracy on the trained model (also for its FP8 /
+   INT4 engines) beside ONNX Runtime CPU's; denoise-step latency (median of repeated steps after a warm-up);
 4. writes results.json and prints the table. Meant to finish in well under 8 minutes on one H100.
 """
 
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 import dgrt
+from dgrt.checkpoint import load_model
+from dgrt.compare import Errors, PrefillStep, TeacherForcing, TorchReference
 from dgrt.errors import DgrtError
 from dgrt.exporter.onnx_export import ExportOptions, export
 from dgrt.exporter.quantize import Recipe
-from dgrt.runtime.backends import Backend, DenoiseInputs
-from dgrt.runtime.kv_cache import KVCache
 from dgrt.task import Task, score, shipped_checkpoint
 from dgrt.tensorrt.build import build
 from dgrt.tiny import write_tiny
@@ -65,44 +65,27 @@ def load(path: Path, options: dict[str, Any]) -> Any:
     return dgrt.load(path, **options)
 
 
-def step_agreement(gen: Any, ref: Any, steps: int = 8, seed: int = 0) -> dict[str, float]:
-    """Feed both backends identical inputs (the reference's trajectory) for one prompt and `steps` denoise
-    steps; compare their step outputs."""
-    info, tok = ref.info, ref.tokenizer
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Reverse: gpucheckdiffusion"}])])
-    p, c = ids.shape[1], info.canvas_length
-    caches = {}
-    for name, g in (("test", gen), ("ref", ref)):
-        b: Backend = g.backend
-        caches[name] = KVCache(info.layers, 1, p + c, p, b.dtype, b.device)
-        caches[name].append(
-            b.prefill(ids, torch.arange(p)[None], torch.zeros(1, dtype=torch.int64), caches[name].past())
-        )
-    rng = torch.Generator().manual_seed(seed)
-    canvas = torch.randint(0, info.vocab_size, (1, c), generator=rng)
-    soft = torch.zeros(1, c, info.hidden_size)
-    agree = same_sample = 0
-    entropy_err = soft_err = 0.0
-    for step in range(steps, 0, -1):
-        uniform = torch.rand(1, c, generator=rng)
-        temperature = ref.sampler.temperature(step).reshape(1)
-        outs = {}
-        for name, g in (("test", gen), ("ref", ref)):
-            b = g.backend
-            inputs = DenoiseInputs(
-                canvas, soft.to(b.dtype).to(b.device), torch.arange(p, p + c)[None], torch.zeros(1, dtype=torch.int64),
-                temperature, uniform,
-            )  # fmt: skip
-            outs[name] = b.denoise(inputs, caches[name].past())
-        t, r = outs["test"], outs["ref"]
-        agree += int((t.argmax == r.argmax).sum())
-        same_sample += int((t.sample == r.sample).sum())
-        entropy_err = max(entropy_err, float((t.entropy.float() - r.entropy.float()).abs().max()))
-        soft_err = max(soft_err, float((t.next_soft.float().cpu() - r.next_soft.float()).abs().max()))
-        canvas, soft = r.argmax, r.next_soft.float()
-    n = steps * c
-    return {"argmax_agreement": agree / n, "sample_agreement": same_sample / n, "entropy_max_abs_error": entropy_err,
-            "soft_max_abs_error": soft_err}  # fmt: skip
+def step_agreement(gen: Any, model: Any, steps: int = 8, seed: int = 0) -> dict[str, float]:
+    """Teacher-forced on the CPU modules' (`model`'s) own trajectory for one prompt and one canvas of `steps`
+    steps: the backend's prefill K/V and its step outputs on exactly the same inputs, against theirs."""
+    ids = torch.tensor([gen.tokenizer.apply_chat_template([{"role": "user", "content": "Reverse: gpucheckdiffusion"}])])
+    sampler = gen.sampler.with_overrides(steps=steps)
+    plan = TeacherForcing(lambda: TorchReference(model), gen.info, [ids], sampler, canvases=1, seed=seed)
+    kv, entropy, soft = [], [], []
+    agree = same_sample = positions = 0
+    for step in plan.run(gen.backend):
+        if isinstance(step, PrefillStep):
+            kv.append(step.errors())
+            continue
+        ours, ref = gen.backend.denoise(step.inputs, step.past), step.reference
+        agree += int((ours.argmax == ref.argmax).sum())
+        same_sample += int((ours.sample == ref.sample).sum())
+        positions += ref.argmax.numel()
+        entropy.append(Errors.from_tensors(ours.entropy[..., None], ref.entropy[..., None]))  # [B, C, 1]
+        soft.append(Errors.from_tensors(ours.next_soft, ref.next_soft))
+    return {"argmax_agreement": agree / positions, "sample_agreement": same_sample / positions,
+            "entropy_max_abs_error": Errors.concat(entropy).max_abs, "soft_max_abs_error": Errors.concat(soft).max_abs,
+            "kv_max_abs_error": Errors.concat(kv).max_abs}  # fmt: skip
 
 
 def step_latency(gen: Any, runs: int) -> dict[str, float]:
@@ -154,7 +137,8 @@ def main() -> int:
                 results.setdefault("builds", {})[model] = str(engines)
             except DgrtError as e:
                 results.setdefault("builds", {})[model] = f"failed: {e}"
-        ref = dgrt.load(onnx)  # ONNX Runtime CPU, fp32: the reference
+        reference = load_model(ckpt)  # fp32 on the CPU: the teacher-forced reference
+        ref = dgrt.load(onnx)  # ONNX Runtime CPU, fp32: the task and latency reference
         task = Task.from_dir(ckpt)
         ref_score = score(ref, task.examples(100)) if task else None
         runs = [(label, onnx, options) for label, options in backends_at_hand(trt_ok)]
@@ -169,7 +153,7 @@ def main() -> int:
                 if options.pop("build", False):
                     build(path, timing_cache=args.results / "timing.cache")
                 gen = load(path, options)
-                row |= step_agreement(gen, ref)
+                row |= step_agreement(gen, reference)
                 if task and ref_score:
                     s = score(gen, task.examples(100))
                     row |= {"task_accuracy": s.accuracy, "reference_task_accuracy": ref_score.accuracy,

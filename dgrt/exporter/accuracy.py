@@ -6,7 +6,7 @@ on ONNX Runtime's CPU provider with the session options its manifest names, so i
 graph's own.
 
 * teacher-forced: the fp32 model samples its own trajectory; at every prefill and denoise step the
-  quantized graphs get exactly its inputs (dgrt.validate.teacher_forced): K/V error, logits error,
+  quantized graphs get exactly its inputs (dgrt.compare.TeacherForcing): K/V error, logits error,
   cosine, argmax agreement;
 * end to end: both generate for the same prompts with the checkpoint's sampler (adaptive stopping on):
   mean denoise steps per canvas, and, for a checkpoint trained on dgrt's task, exact-match accuracy on
@@ -20,32 +20,33 @@ from typing import Any
 
 import torch
 
-from dgrt.task import Task, score
-from dgrt.validate import DEFAULT_PROMPTS, Stats, TorchReference, logits_function, teacher_forced
+from dgrt.checkpoint import load_model
+from dgrt.compare import DEFAULT_PROMPTS, TeacherForcing, TorchReference, export_logits
+from dgrt.contract import manifest as manifest_mod
+from dgrt.runtime.backends import TorchBackend
+from dgrt.task import TASK_EXAMPLES, Task, score
 
 TEACHER_FORCED_STEPS = 16  # per canvas; the schedule's temperatures are spread over them
 
 
 def measure(
-    export_dir: Path, checkpoint_dir: Path, canvases: int = 2, task_examples: int = 200, seed: int = 0
+    export_dir: Path, checkpoint_dir: Path, canvases: int = 2, task_examples: int = TASK_EXAMPLES, seed: int = 0
 ) -> dict[str, Any]:
     import dgrt
 
+    model = load_model(checkpoint_dir)  # fp32: the reference, and the fp32 side end to end
     quantized = dgrt.load(export_dir, backend="onnxruntime")
-    full = dgrt.load(checkpoint_dir, backend="torch")
+    full = dgrt.load(checkpoint_dir, backend=TorchBackend(model))
     task = Task.from_dir(checkpoint_dir)
     prompts = [e.question for e in task.examples(3, seed=seed + 1)] if task else list(DEFAULT_PROMPTS)
     tok = quantized.tokenizer
     assert tok is not None
     sampler = quantized.sampler.with_overrides(steps=min(quantized.sampler.steps, TEACHER_FORCED_STEPS))
-    kv, logits = Stats(), Stats()
+    ids = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": text}])]) for text in prompts]
+    plan = TeacherForcing(lambda: TorchReference(model), quantized.info, ids, sampler, canvases, seed)
     with torch.inference_mode():
-        logits_of = logits_function(quantized, export_dir)
-        for i, text in enumerate(prompts):
-            ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": text}])])
-            reference = TorchReference(full.backend.model)  # type: ignore[attr-defined]
-            teacher_forced(quantized.info, quantized.backend, reference, logits_of, ids, sampler, canvases, seed + i,
-                           kv, logits)  # fmt: skip
+        compared = plan.errors(quantized.backend, export_logits(export_dir, manifest_mod.load(export_dir)))
+    kv, logits = compared.kv, compared.logits
     result: dict[str, Any] = {
         "reference": "dgrt's fp32 PyTorch modules, same checkpoint",
         "backend": "onnxruntime CPU",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgrt.checkpoint import load_model
 from dgrt.errors import DgrtError
 from dgrt.model.layers import Experts, Linear
 from dgrt.progress import Progress
@@ -125,9 +126,9 @@ def calibrate(
     if samples < 1:
         raise DgrtError(f"--calibration-samples is {samples}; expected at least 1.")
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
-    gen = dgrt.load(checkpoint_dir, backend="torch")
-    recorder = _Recorder(gen.backend.model)  # type: ignore[attr-defined]
-    gen.backend = _RecordingBackend(gen.backend.model, recorder)  # type: ignore[attr-defined]
+    model = load_model(checkpoint_dir)
+    recorder = _Recorder(model)
+    gen = dgrt.load(checkpoint_dir, backend=_RecordingBackend(model, recorder))
     steps = min(gen.sampler.steps, MAX_CALIBRATION_STEPS)
     max_new_tokens = 2 * gen.info.canvas_length
     try:

@@ -94,16 +94,7 @@ def export(
 
     model, buffers = _meta_model(ckpt, TORCH_DTYPES[dtype])
     specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
-    # The denoise graph is always traced with its logits output, then loses it unless asked for: the
-    # value keeps the name "logits" inside the graph, where `dgrt validate` can expose it again.
-    traced = {
-        "prefill": (Prefill(model), specs["prefill"]),
-        "denoise": (Denoise(model, True), denoise_spec(cfg, dtype, True)),
-    }
-    graphs = {}
-    for i, (name, (module, spec)) in enumerate(traced.items()):
-        progress.update(f"tracing {name} graph ({i + 1}/2)")
-        graphs[name] = _trace(module, spec, options.opset, max_context)
+    graphs = _traced_graphs(model, dtype, options.opset, max_context, progress)
     if not options.debug_logits:
         graphs["denoise"].graph.outputs.pop()  # "logits", the last output
     quantized: dict[str, QuantizedWeight] = {}
@@ -203,6 +194,38 @@ def _meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[DiffusionGemma, d
     return model.eval().requires_grad_(False), buffers
 
 
+# Traced graphs by (config, dtype, opset, max context), least recently used first. Tracing is most of an
+# export's time (tens of seconds, whatever the weights) and depends on nothing else, so a process that
+# exports an architecture again (the test suite; a quantized export after a float one) traces it once.
+# Without weights and with their tracing state gone, a pair of graphs holds little memory.
+_TRACED: dict[tuple[str, str, int, int], dict[str, ir.Model]] = {}
+_TRACED_KEEP = 8
+
+
+def _traced_graphs(
+    model: DiffusionGemma, dtype: str, opset: int, max_context: int, progress: Progress
+) -> dict[str, ir.Model]:
+    """Both graphs, without weights: copies the caller may change. The denoise graph is always traced with
+    its logits output, which the caller drops unless asked for: the value keeps the name "logits" inside
+    the graph, where `dgrt validate` can expose it again."""
+    cfg = model.config
+    key = (repr(cfg), dtype, opset, max_context)  # every field but `raw`, which the graphs do not read
+    graphs = _TRACED.pop(key, None)
+    if graphs is None:
+        traced = {
+            "prefill": (Prefill(model), prefill_spec(cfg, dtype)),
+            "denoise": (Denoise(model, True), denoise_spec(cfg, dtype, True)),
+        }
+        graphs = {}
+        for i, (name, (module, spec)) in enumerate(traced.items()):
+            progress.update(f"tracing {name} graph ({i + 1}/2)")
+            graphs[name] = _trace(module, spec, opset, max_context)
+        while len(_TRACED) >= _TRACED_KEEP:
+            del _TRACED[next(iter(_TRACED))]
+    _TRACED[key] = graphs  # now the most recently used
+    return {name: graph.clone() for name, graph in graphs.items()}
+
+
 def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> ir.Model:
     dims = {
         "batch": torch.export.Dim("batch", min=1, max=4096),
@@ -217,7 +240,12 @@ def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> 
         shapes.append({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)})
     n_fixed = sum(1 for t in spec.inputs if t.layer is None)  # the rest are the *past varargs
     dynamic_shapes = (*shapes[:n_fixed], tuple(shapes[n_fixed:]))
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_logger("torch.onnx"):
+    # Without torch's fake-tensor dispatch cache: with symbolic shapes it costs more than it saves here
+    # (measured: the same graphs, about 10% sooner).
+    from torch._dynamo import config as dynamo_config  # imported by torch.onnx.export anyway
+
+    no_fake_cache = dynamo_config.patch(fake_tensor_cache_enabled=False)
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_logger("torch.onnx"), no_fake_cache:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,

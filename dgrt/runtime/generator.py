@@ -13,37 +13,37 @@ fixed order (canvas, then per step the sampling uniforms and the renoise tokens)
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as PyGenerator
-from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from numbers import Integral
-from typing import Any
+from types import EllipsisType
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 
 from dgrt.errors import MAX_SEED, DgrtError
-from dgrt.runtime.backends import Backend, DenoiseInputs
+from dgrt.runtime.backends import Backend, DenoiseInputs, StepOutputs
 from dgrt.runtime.kv_cache import KVCache, LayerShape
-from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas, show
+from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, SamplerSettings, accept, finalize_canvas, show
 from dgrt.runtime.tokenizer import Tokenizer
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message] | Sequence[int] | np.ndarray | torch.Tensor
+TokenIds = int | Sequence[int]
 
 PROMPT_TYPES = (
     "a prompt is a str, a list of chat messages (dicts with str 'role' and 'content'), a list or tuple of int "
     "token ids, or a 1-D integer numpy array or torch tensor, and a batch is a list of prompts or a 2-D integer "
     "array or tensor"
 )
-SAMPLER_OPTIONS = tuple(f.name for f in fields(SamplerConfig))
-STREAM_OPTIONS = ("max_new_tokens", "seed", "chat", "eos_token_id", "pad_token_id", *SAMPLER_OPTIONS)
-GENERATE_OPTIONS = ("on_event", *STREAM_OPTIONS)
-
+SAMPLER_SETTINGS = tuple(f.name for f in fields(SamplerConfig))
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,60 @@ class _Request:
     pad_id: int | None
 
 
+@dataclass
+class _Call:
+    """One call's state while the loop runs it: the batch, its cache and random stream, and the tallies
+    the result reports."""
+
+    request: _Request
+    ids: torch.Tensor  # [B, P] prefilled first: the prompts left-padded, or a turn's pending canvas and prompt
+    pad: torch.Tensor  # [B] left padding of each row
+    cache: KVCache
+    canvases: int
+    rng: torch.Generator
+    eos: torch.Tensor | None
+    temperature: torch.Tensor  # [B] one buffer, refilled at each step
+    finished: torch.Tensor  # [B] rows done (EOS or max_new_tokens) in a committed canvas
+    passes: torch.Tensor  # [B] denoise passes each row took part in
+    steps_per_canvas: list[list[int]]
+    emitted: list[torch.Tensor] = field(default_factory=list)  # committed canvases, [B, C] each
+    prefill_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+    def positions(self, length: int) -> torch.Tensor:
+        """[B, length] positions of the next tokens: each row counts from its first real token (its left
+        padding sits at 0)."""
+        return (self.cache.length + torch.arange(length)[None] - self.pad[:, None]).clamp(min=0)
+
+    def count(self, passes: torch.Tensor) -> None:
+        """Tally one canvas's denoise passes per row; a row finished before did not denoise it."""
+        self.passes += passes
+        for i, n in enumerate(passes.tolist()):
+            if not self.finished[i]:
+                self.steps_per_canvas[i].append(n)
+
+
+@dataclass
+class _Draft:
+    """A canvas being denoised: the tokens and self-conditioning embeddings the next step reads, and the
+    last step's argmax (the draft) and entropy."""
+
+    canvas: torch.Tensor  # [B, C]
+    soft: torch.Tensor  # [B, C, H] on the backend's device
+    argmax: torch.Tensor  # [B, C]
+    entropy: torch.Tensor  # [B, C]
+
+    def keep(self, rows: torch.Tensor, new: _Draft) -> _Draft:
+        """`new`, except that `rows` [B] keep this draft's state."""
+        keep = rows[:, None]
+        return _Draft(
+            torch.where(keep, self.canvas, new.canvas),
+            torch.where(rows[:, None, None].to(self.soft.device), self.soft, new.soft),
+            torch.where(keep, self.argmax, new.argmax),
+            torch.where(keep, self.entropy, new.entropy),
+        )
+
+
 class Generator:
     """Runs block diffusion on a backend. Holds the KV cache, allocated once at the size calls need.
 
@@ -164,30 +218,68 @@ class Generator:
 
     # -- public API ---------------------------------------------------------------------------------
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], **options: Any) -> GenerationResult:
-        """Generate for one prompt or a batch. See `stream` for the prompts and options; also `on_event`,
-        a callable called with every StepEvent and CanvasEvent (it must not call this Generator)."""
-        return self._generate(prompts, options, None)
-
-    def stream(self, prompts: Prompt | Sequence[Prompt], **options: Any) -> PyGenerator[Event, None, GenerationResult]:
-        """Yield a StepEvent after each denoise step and a CanvasEvent after each canvas.
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        chat: bool = True,
+        eos_token_id: TokenIds | None | EllipsisType = ...,
+        pad_token_id: int | None | EllipsisType = ...,
+        sampler: SamplerConfig | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        **settings: Unpack[SamplerSettings],
+    ) -> GenerationResult:
+        """Generate for one prompt or a batch.
 
         prompts: a str (the chat template is applied unless chat=False), a list of chat messages (dicts
         with str "role" and "content"), token ids (a list or tuple of ints, or a 1-D integer numpy array or
         torch tensor), or a batch: a list of any of these, or a 2-D integer array or tensor. Anything else
         (bytes, floats, bools) is refused, as is text with a lone surrogate (the tokenizer cannot encode it).
 
-        options (unknown names are refused): max_new_tokens (a positive int), seed (0 to 2**63 - 1; None
-        draws one), chat (bool, default True), eos_token_id (an id, a list of ids, or None for no EOS),
-        pad_token_id (an id or None), and the sampler settings steps (1 to 10000), t_min, t_max
+        max_new_tokens: 1 to the model's context (None: generation_config.json's, else 256).
+        seed: 0 to 2**63 - 1 (None draws one; the result says which).
+        eos_token_id: an id, a list of ids, or None for no EOS; pad_token_id: an id or None. Left out
+        (`...`), each is generation_config.json's.
+        sampler: a SamplerConfig to run instead of the model's (`gen.sampler`), e.g.
+        `gen.sampler.with_overrides(steps=16)`.
+        on_event: called with every StepEvent and CanvasEvent (it must not call this Generator).
+        **settings: SamplerConfig's fields, each replacing the sampler's: steps (1 to 10000), t_min, t_max
         (0 <= t_min < t_max), entropy_bound (> 0), stability_threshold (0 to steps) and
-        confidence_threshold (> 0); either threshold None turns adaptive stopping off. Options are checked
-        when stream is called.
+        confidence_threshold (> 0); either threshold None turns adaptive stopping off.
+
+        Every option is range-checked; a misspelt name is refused with the list of accepted ones (and
+        flagged by mypy, as is a value of the wrong type).
+        """
+        request = self._request(
+            prompts, None, GENERATE_OPTIONS, max_new_tokens, seed, chat, eos_token_id, pad_token_id, sampler, settings
+        )
+        return self._generate(request, None, on_event)
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        chat: bool = True,
+        eos_token_id: TokenIds | None | EllipsisType = ...,
+        pad_token_id: int | None | EllipsisType = ...,
+        sampler: SamplerConfig | None = None,
+        **settings: Unpack[SamplerSettings],
+    ) -> PyGenerator[Event, None, GenerationResult]:
+        """Yield a StepEvent after each denoise step and a CanvasEvent after each canvas; the generator's
+        return value is the GenerationResult. Prompts and options as for `generate`, checked when stream
+        is called (not at the first event).
 
         The stream holds the Generator from its first event until it is exhausted, closed or
         garbage-collected: other threads' calls wait meanwhile, and this thread's are refused.
         """
-        return self._stream(prompts, options, None)
+        request = self._request(
+            prompts, None, STREAM_OPTIONS, max_new_tokens, seed, chat, eos_token_id, pad_token_id, sampler, settings
+        )
+        return self._serialised(request, None)
 
     def session(self, max_context: int | None = None) -> Session:
         """A conversation (one row) whose turns continue from the KV cache of the previous ones."""
@@ -198,13 +290,12 @@ class Generator:
 
     # -- one call, serialised -----------------------------------------------------------------------
 
-    def _generate(self, prompts: Any, options: dict[str, Any], session: Session | None) -> GenerationResult:
-        on_event = options.pop("on_event", None)
+    def _generate(self, request: _Request, session: Session | None, on_event: Any) -> GenerationResult:
         if on_event is not None and not callable(on_event):
             raise DgrtError(f"on_event is {show(on_event)}, expected a callable taking each event, or None.")
         # Closed explicitly: if on_event raises, the caller's traceback keeps this frame (and an unclosed
         # stream, which would keep holding the Generator) alive.
-        with closing(self._stream(prompts, options, session, GENERATE_OPTIONS)) as events:
+        with closing(self._serialised(request, session)) as events:
             while True:
                 try:
                     event = next(events)
@@ -212,16 +303,6 @@ class Generator:
                     return done.value
                 if on_event is not None:
                     on_event(event)
-
-    def _stream(
-        self,
-        prompts: Any,
-        options: dict[str, Any],
-        session: Session | None,
-        accepted: tuple[str, ...] = STREAM_OPTIONS,
-    ) -> PyGenerator[Event, None, GenerationResult]:
-        request = self._request(prompts, options, session, accepted)  # checked now, not at the first event
-        return self._serialised(request, session)
 
     def _serialised(self, request: _Request, session: Session | None) -> PyGenerator[Event, None, GenerationResult]:
         with self._exclusive():
@@ -245,25 +326,38 @@ class Generator:
                 self._owner = None
 
     def _request(
-        self, prompts: Any, options: dict[str, Any], session: Session | None, accepted: tuple[str, ...]
+        self,
+        prompts: Any,
+        session: Session | None,
+        accepted: tuple[str, ...],
+        max_new_tokens: int | None,
+        seed: int | None,
+        chat: bool,
+        eos_token_id: TokenIds | None | EllipsisType,
+        pad_token_id: int | None | EllipsisType,
+        sampler: SamplerConfig | None,
+        settings: SamplerSettings,
     ) -> _Request:
-        unknown = sorted(set(options) - set(accepted))
+        """The arguments of a call (`accepted` names its options, for the error), checked and resolved."""
+        unknown = sorted(set(settings) - set(SAMPLER_SETTINGS))  # every misspelt keyword lands in settings
         if unknown:
             raise DgrtError(f"unknown option(s) {unknown}; the accepted options are {', '.join(accepted)}.")
-        chat = options.get("chat", True)
         if not isinstance(chat, bool):
             raise DgrtError(f"chat is {show(chat)}, expected True (apply the chat template to text) or False.")
         rows = [self._encode(p, chat) for p in _as_batch(prompts)]
         if session is not None and len(rows) != 1:
             raise DgrtError("a session continues one conversation; pass one prompt.")
-        sampler_options = {k: v for k, v in options.items() if k in SAMPLER_OPTIONS}
-        max_new, seed = options.get("max_new_tokens"), options.get("seed")
-        eos = options.get("eos_token_id", self.eos_token_id)
-        pad_id = options.get("pad_token_id", self.pad_token_id)
+        if sampler is not None and not isinstance(sampler, SamplerConfig):
+            raise DgrtError(
+                f"sampler is {show(sampler)}, expected a SamplerConfig (e.g. gen.sampler.with_overrides(steps=16)) "
+                "or None (the model's)."
+            )
+        eos = self.eos_token_id if eos_token_id is ... else eos_token_id
+        pad_id = self.pad_token_id if pad_token_id is ... else pad_token_id
         return _Request(
             rows=rows,
-            sampler=self.sampler.with_overrides(**sampler_options) if sampler_options else self.sampler,
-            max_new_tokens=self.max_new_tokens if max_new is None else self._max_new_tokens(max_new),
+            sampler=(self.sampler if sampler is None else sampler).with_overrides(**settings),  # checks a given one
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else self._max_new_tokens(max_new_tokens),
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else _seed(seed),
             eos=[
                 self._token_id("eos_token_id", t, ", a list of them, or None")
@@ -286,106 +380,116 @@ class Generator:
             raise DgrtError(f"{name} is {show(value)}, expected a token id (an integer from 0 to {top}){alternatives}.")
         return int(value)
 
-    # -- the loop -----------------------------------------------------------------------------------
+    # -- the loop: prepare, prefill, then per canvas denoise and commit ------------------------------
 
     def _run(self, request: _Request, session: Session | None) -> PyGenerator[Event, None, GenerationResult]:
-        rows, sampler, max_new = request.rows, request.sampler, request.max_new_tokens
-        eos, pad_id = request.eos, request.pad_id
-        info, c, b = self.info, self.info.canvas_length, len(rows)
-        n_canvases = math.ceil(max_new / c)
+        call = self._prepare(request, session)
+        self._prefill(call, call.ids, call.positions(call.ids.shape[1]))
+        for k in range(call.canvases):
+            positions = call.positions(self.info.canvas_length)
+            draft = yield from self._denoise(call, k, positions)
+            yield self._commit(call, k, draft)
+            if call.finished.all() or k == call.canvases - 1:  # the last canvas is not prefilled (as in transformers)
+                break
+            self._prefill(call, call.emitted[-1], positions)
+        return self._result(call, session)
+
+    def _prepare(self, request: _Request, session: Session | None) -> _Call:
+        """The batch to prefill and its cache, with the context checked. Prompts are left-padded to the
+        longest; a session's turn is its pending canvas (not cached yet), then the new prompt."""
+        rows, b, c = request.rows, len(request.rows), self.info.canvas_length
+        canvases = math.ceil(request.max_new_tokens / c)
         if session is None:
-            # Left-padded to the longest prompt; real tokens sit at positions 0.. in every row.
             p = max(len(r) for r in rows)
             pad = torch.tensor([p - len(r) for r in rows], dtype=torch.int64)
-            ids = torch.full((b, p), pad_id if pad_id is not None else 0, dtype=torch.int64)
+            ids = torch.full((b, p), request.pad_id if request.pad_id is not None else 0, dtype=torch.int64)
             for i, r in enumerate(rows):
                 ids[i, p - len(r) :] = torch.tensor(r, dtype=torch.int64)
-            cache = self._cache_for(b, min(p + n_canvases * c, info.max_context))
-        else:  # continue the conversation: the last canvas (not cached yet), then the new prompt
+            cache = self._cache_for(b, min(p + canvases * c, self.info.max_context))
+        else:
             ids = torch.tensor([session.pending + rows[0]], dtype=torch.int64)
             pad, cache = torch.zeros(1, dtype=torch.int64), session.cache
-        needed = cache.length + ids.shape[1] + n_canvases * c
-        if needed > min(info.max_context, cache.capacity):
+        limit = min(self.info.max_context, cache.capacity)
+        if cache.length + ids.shape[1] + canvases * c > limit:
             raise DgrtError(
-                f"the context ({cache.length} cached + {ids.shape[1]} prompt tokens) plus {n_canvases} canvas(es) "
-                f"of {c} exceeds the {min(info.max_context, cache.capacity)} tokens this model supports; "
-                "shorten the prompt or lower max_new_tokens."
+                f"the context ({cache.length} cached + {ids.shape[1]} prompt tokens) plus {canvases} canvas(es) "
+                f"of {c} exceeds the {limit} tokens this model supports; shorten the prompt or lower max_new_tokens."
             )
-        gen = torch.Generator().manual_seed(request.seed)
-
-        positions = (cache.length + torch.arange(ids.shape[1])[None] - pad[:, None]).clamp(min=0)
-        t0 = time.perf_counter()
-        cache.append(self.backend.prefill(ids, positions, pad, cache.past()))
-        prefill_seconds, step_seconds = [time.perf_counter() - t0], []
-
-        eos_tensor = torch.tensor(eos, dtype=torch.int64) if eos else None
-        finished = torch.zeros(b, dtype=torch.bool)
-        passes = torch.zeros(b, dtype=torch.int64)
-        steps_per_canvas: list[list[int]] = [[] for _ in range(b)]
-        emitted: list[torch.Tensor] = []
-        temperature = torch.empty(b, dtype=torch.float32)
-        for k in range(n_canvases):
-            positions = (cache.length + torch.arange(c))[None] - pad[:, None]
-            canvas = torch.randint(0, info.vocab_size, (b, c), generator=gen)
-            soft = torch.zeros(b, c, info.hidden_size, dtype=self.backend.dtype, device=self.backend.device)
-            argmax, entropy = canvas, torch.zeros(b, c)
-            done = torch.zeros(b, dtype=torch.bool)
-            stop = (
-                AdaptiveStop(sampler.stability_threshold, sampler.confidence_threshold, b, c)  # type: ignore[arg-type]
-                if sampler.adaptive
-                else None
-            )
-            canvas_passes = torch.zeros(b, dtype=torch.int64)
-            for step in range(sampler.steps, 0, -1):
-                canvas_passes += ~(done | finished)
-                temperature.fill_(sampler.temperature(step).item())
-                uniform = torch.rand((b, c), generator=gen)
-                t0 = time.perf_counter()
-                inputs = DenoiseInputs(canvas, soft, positions, pad, temperature, uniform)
-                out = self.backend.denoise(inputs, cache.past())
-                step_seconds.append(time.perf_counter() - t0)
-                noise = torch.randint(0, info.vocab_size, (b, c), generator=gen)
-                new_canvas = torch.where(accept(out.entropy, sampler.entropy_bound), out.sample, noise)
-                new_argmax, new_entropy, new_soft = out.argmax.clone(), out.entropy.clone(), out.next_soft
-                if stop is not None:
-                    if done.any():  # stopped rows keep their state
-                        new_argmax = torch.where(done[:, None], argmax, new_argmax)
-                        new_canvas = torch.where(done[:, None], canvas, new_canvas)
-                        new_entropy = torch.where(done[:, None], entropy, new_entropy)
-                        new_soft = torch.where(done[:, None, None].to(soft.device), soft, new_soft)
-                    done |= stop(new_argmax, new_entropy)
-                canvas, argmax, entropy, soft = new_canvas, new_argmax, new_entropy, new_soft
-                yield StepEvent(k, step, argmax, ~(done | finished))
-                if done.all():
-                    break
-            passes += canvas_passes
-            for i in range(b):
-                if not finished[i]:  # a row that finished earlier does not denoise this canvas
-                    steps_per_canvas[i].append(int(canvas_passes[i]))
-            reached = (k + 1) * c >= max_new
-            tokens, now_finished = finalize_canvas(argmax, finished, reached, eos_tensor, pad_id)
-            emitted.append(tokens)
-            yield CanvasEvent(k, tokens, self._texts(emitted, eos), now_finished)
-            finished = now_finished
-            if finished.all() or k == n_canvases - 1:  # the last canvas is not prefilled (as in transformers)
-                break
-            t0 = time.perf_counter()
-            cache.append(self.backend.prefill(tokens, positions, pad, cache.past()))
-            prefill_seconds.append(time.perf_counter() - t0)
-
-        if session is not None:
-            session.pending = emitted[-1][0].tolist()
-        new_tokens = torch.cat(emitted, dim=1)
-        valid = (new_tokens != pad_id).sum(dim=1) if pad_id is not None else torch.full((b,), new_tokens.shape[1])
-        return GenerationResult(
-            tokens=new_tokens.tolist(),
-            texts=self._texts(emitted, eos),
-            steps_per_canvas=steps_per_canvas,
-            tokens_per_forward=(valid / passes.clamp(min=1)).tolist(),
-            prefill_seconds=prefill_seconds,
-            step_seconds=step_seconds,
-            seed=request.seed,
+        return _Call(
+            request=request,
+            ids=ids,
+            pad=pad,
+            cache=cache,
+            canvases=canvases,
+            rng=torch.Generator().manual_seed(request.seed),
+            eos=torch.tensor(request.eos, dtype=torch.int64) if request.eos else None,
+            temperature=torch.empty(b, dtype=torch.float32),
+            finished=torch.zeros(b, dtype=torch.bool),
+            passes=torch.zeros(b, dtype=torch.int64),
+            steps_per_canvas=[[] for _ in range(b)],
         )
+
+    def _denoise(self, call: _Call, k: int, positions: torch.Tensor) -> PyGenerator[StepEvent, None, torch.Tensor]:
+        """Canvas k, from uniform random tokens, for up to `steps` steps: yields each step's draft and
+        returns the last. A row that stops adaptively keeps its state while the others go on."""
+        sampler, vocab, (b, c) = call.request.sampler, self.info.vocab_size, positions.shape
+        canvas = torch.randint(0, vocab, (b, c), generator=call.rng)
+        soft = torch.zeros(b, c, self.info.hidden_size, dtype=self.backend.dtype, device=self.backend.device)
+        draft = _Draft(canvas, soft, canvas, torch.zeros(b, c))
+        stability, confidence = sampler.stability_threshold, sampler.confidence_threshold
+        stop = AdaptiveStop(stability, confidence, b, c) if stability is not None and confidence is not None else None
+        done = torch.zeros(b, dtype=torch.bool)  # rows stopped in this canvas
+        passes = torch.zeros(b, dtype=torch.int64)
+        for step in range(sampler.steps, 0, -1):
+            passes += ~(done | call.finished)
+            call.temperature.fill_(sampler.temperature(step).item())
+            uniform = torch.rand((b, c), generator=call.rng)
+            inputs = DenoiseInputs(draft.canvas, draft.soft, positions, call.pad, call.temperature, uniform)
+            out = self._step(call, inputs)
+            noise = torch.randint(0, vocab, (b, c), generator=call.rng)
+            renoised = torch.where(accept(out.entropy, sampler.entropy_bound), out.sample, noise)
+            new = _Draft(renoised, out.next_soft, out.argmax.clone(), out.entropy.clone())
+            draft = draft.keep(done, new) if done.any() else new  # stopped rows keep their state
+            if stop is not None:
+                done |= stop(draft.argmax, draft.entropy)
+            yield StepEvent(k, step, draft.argmax, ~(done | call.finished))
+            if done.all():
+                break
+        call.count(passes)
+        return draft.argmax
+
+    def _commit(self, call: _Call, k: int, draft: torch.Tensor) -> CanvasEvent:
+        """Canvas k's tokens as transformers emits them (EOS and pad applied); marks the rows finished now."""
+        reached = (k + 1) * self.info.canvas_length >= call.request.max_new_tokens
+        tokens, call.finished = finalize_canvas(draft, call.finished, reached, call.eos, call.request.pad_id)
+        call.emitted.append(tokens)
+        return CanvasEvent(k, tokens, self._texts(call.emitted, call.request.eos), call.finished)
+
+    def _result(self, call: _Call, session: Session | None) -> GenerationResult:
+        if session is not None:  # its last canvas is prefilled at the start of the next turn
+            session.pending = call.emitted[-1][0].tolist()
+        tokens, pad_id = torch.cat(call.emitted, dim=1), call.request.pad_id
+        valid = (tokens != pad_id).sum(dim=1) if pad_id is not None else torch.full((len(tokens),), tokens.shape[1])
+        return GenerationResult(
+            tokens=tokens.tolist(),
+            texts=self._texts(call.emitted, call.request.eos),
+            steps_per_canvas=call.steps_per_canvas,
+            tokens_per_forward=(valid / call.passes.clamp(min=1)).tolist(),
+            prefill_seconds=call.prefill_seconds,
+            step_seconds=call.step_seconds,
+            seed=call.request.seed,
+        )
+
+    def _prefill(self, call: _Call, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        call.cache.append(self.backend.prefill(ids, positions, call.pad, call.cache.past()))
+        call.prefill_seconds.append(time.perf_counter() - t0)
+
+    def _step(self, call: _Call, inputs: DenoiseInputs) -> StepOutputs:
+        t0 = time.perf_counter()
+        out = self.backend.denoise(inputs, call.cache.past())
+        call.step_seconds.append(time.perf_counter() - t0)
+        return out
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -453,13 +557,55 @@ class Session:
         self.generator, self.cache = generator, cache
         self.pending: list[int] = []
 
-    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        chat: bool = True,
+        eos_token_id: TokenIds | None | EllipsisType = ...,
+        pad_token_id: int | None | EllipsisType = ...,
+        sampler: SamplerConfig | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        **settings: Unpack[SamplerSettings],
+    ) -> GenerationResult:
         """The next turn; prompt and options as for Generator.generate (one prompt, not a batch)."""
-        return self.generator._generate(prompt, options, self)
+        gen = self.generator
+        request = gen._request(
+            prompt, self, GENERATE_OPTIONS, max_new_tokens, seed, chat, eos_token_id, pad_token_id, sampler, settings
+        )
+        return gen._generate(request, self, on_event)
 
-    def stream(self, prompt: Prompt, **options: Any) -> PyGenerator[Event, None, GenerationResult]:
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        chat: bool = True,
+        eos_token_id: TokenIds | None | EllipsisType = ...,
+        pad_token_id: int | None | EllipsisType = ...,
+        sampler: SamplerConfig | None = None,
+        **settings: Unpack[SamplerSettings],
+    ) -> PyGenerator[Event, None, GenerationResult]:
         """The next turn's events; prompt and options as for Generator.stream (one prompt, not a batch)."""
-        return self.generator._stream(prompt, options, self)
+        gen = self.generator
+        request = gen._request(
+            prompt, self, STREAM_OPTIONS, max_new_tokens, seed, chat, eos_token_id, pad_token_id, sampler, settings
+        )
+        return gen._serialised(request, self)
+
+
+def _options(method: Callable[..., Any]) -> tuple[str, ...]:
+    """The option names a call accepts, for its error message: its keyword-only parameters, then the
+    sampler settings its **settings takes."""
+    params = inspect.signature(method).parameters.values()
+    return (*(p.name for p in params if p.kind is p.KEYWORD_ONLY), *SAMPLER_SETTINGS)
+
+
+GENERATE_OPTIONS = _options(Generator.generate)
+STREAM_OPTIONS = _options(Generator.stream)
 
 
 def _as_batch(prompts: Any) -> list[Any]:

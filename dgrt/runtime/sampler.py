@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 
@@ -42,7 +42,7 @@ class SamplerConfig:
             values["entropy_bound"] = bound
         return cls(**values).checked()
 
-    def with_overrides(self, **overrides: Any) -> SamplerConfig:
+    def with_overrides(self, **overrides: Unpack[SamplerSettings]) -> SamplerConfig:
         """A copy with the given fields replaced (None only where a field allows it: the thresholds)."""
         names = {f.name for f in fields(self)}
         unknown = set(overrides) - names
@@ -94,6 +94,18 @@ class SamplerConfig:
         computes it (an int32 step divided in float32)."""
         fraction = torch.tensor(step, dtype=torch.int32) / self.steps
         return self.t_min + (self.t_max - self.t_min) * fraction
+
+
+class SamplerSettings(TypedDict, total=False):
+    """SamplerConfig's fields as keyword arguments (`gen.generate(prompt, steps=16)`): each one given
+    replaces the config's, an absent one keeps it (None is a value: it turns adaptive stopping off)."""
+
+    steps: int
+    t_min: float
+    t_max: float
+    entropy_bound: float
+    stability_threshold: int | None
+    confidence_threshold: float | None
 
 
 def show(value: Any) -> str:
