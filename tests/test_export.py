@@ -17,8 +17,10 @@ from onnx_graphs import OrtGraphs
 
 from dgrt.checkpoint import Checkpoint, checkpoint_key, load_model
 from dgrt.errors import DgrtError
+from dgrt.exporter import onnx_export
 from dgrt.exporter.lint import lint_export, lint_model
 from dgrt.exporter.onnx_export import ExportOptions, export
+from dgrt.exporter.quantize import Recipe
 from dgrt.model import Denoise
 
 TOL = 1e-4
@@ -187,6 +189,26 @@ def test_lint_passes_and_lists_the_op_inventory(exports: dict[str, Path]) -> Non
     assert report.ok, report.errors
     text = report.format()
     assert "prefill: opset 21" in text and "MatMul" in text and "lint passed" in text
+
+
+def test_an_architecture_exported_again_is_not_traced_again(
+    tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process traced the tiny graphs for `exports`: the next exports copy them (seconds instead of
+    tens of seconds), and what one export changes in its copy (Q/DQ, the debug output) stays in it."""
+
+    def no_tracing(*_: object) -> None:
+        raise AssertionError("the tiny architecture was traced again")
+
+    monkeypatch.setattr(onnx_export, "_trace", no_tracing)
+    export(tiny_ckpt, tmp_path / "int4", ExportOptions(quant=Recipe("int4", 32), measure_accuracy=False))
+    export(tiny_ckpt, tmp_path / "plain")
+    assert (tmp_path / "plain" / "prefill.onnx").read_bytes() == (exports["tiny"] / "prefill.onnx").read_bytes()
+    plain, traced = (
+        onnx.load(out / "denoise.onnx", load_external_data=False) for out in (tmp_path / "plain", exports["tiny"])
+    )
+    assert plain.graph.node == traced.graph.node  # no DequantizeLinear from the int4 copy
+    assert [o.name for o in plain.graph.output] == [o.name for o in traced.graph.output][:-1]  # less "logits"
 
 
 def _graph_with(op: str, domain: str = "") -> ir.Model:

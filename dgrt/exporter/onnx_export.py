@@ -197,7 +197,6 @@ def _meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[DiffusionGemma, d
 # Traced graphs by (config, dtype, opset, max context), least recently used first. Tracing is most of an
 # export's time (tens of seconds, whatever the weights) and depends on nothing else, so a process that
 # exports an architecture again (the test suite; a quantized export after a float one) traces it once.
-# Without weights and with their tracing state gone, a pair of graphs holds little memory.
 _TRACED: dict[tuple[str, str, int, int], dict[str, ir.Model]] = {}
 _TRACED_KEEP = 8
 
@@ -219,11 +218,23 @@ def _traced_graphs(
         graphs = {}
         for i, (name, (module, spec)) in enumerate(traced.items()):
             progress.update(f"tracing {name} graph ({i + 1}/2)")
-            graphs[name] = _trace(module, spec, opset, max_context)
+            graphs[name] = _without_tracing_state(_trace(module, spec, opset, max_context))
         while len(_TRACED) >= _TRACED_KEEP:
             del _TRACED[next(iter(_TRACED))]
     _TRACED[key] = graphs  # now the most recently used
     return {name: graph.clone() for name, graph in graphs.items()}
+
+
+def _without_tracing_state(model: ir.Model) -> ir.Model:
+    """A copy that no longer points to torch's tracing state (FX graph, fake tensors, shape environment:
+    tens of MiB), which the exporter leaves in every node's and value's `meta`."""
+    for node in model.graph:
+        node.meta.clear()
+        for value in node.outputs:
+            value.meta.clear()
+    for value in (*model.graph.inputs, *model.graph.initializers.values()):
+        value.meta.clear()
+    return model.clone()  # leaves behind the values the graph dropped, which keep theirs
 
 
 def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> ir.Model:
