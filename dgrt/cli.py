@@ -16,7 +16,7 @@ from dgrt.errors import DgrtError, DgrtWarning
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
-    from dgrt.tiny import write_tiny
+    from dgrt.presets import write_tiny
 
     out = write_tiny(args.out_dir, preset=args.preset, seed=args.seed, force=args.force)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
@@ -42,7 +42,6 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from dgrt.exporter.lint import lint_export
     from dgrt.exporter.onnx_export import ExportOptions, export
     from dgrt.exporter.quantize import Recipe
 
@@ -57,7 +56,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         measure_accuracy=not args.no_accuracy,
     )
     t0 = time.perf_counter()
-    manifest = export(args.checkpoint, args.output, options, force=args.force)
+    exported = export(args.checkpoint, args.output, options, force=args.force)
+    manifest = exported.manifest
     weights = manifest.weights
     print(f"exported {args.checkpoint} to {args.output} in {time.perf_counter() - t0:.1f} s")
     print(
@@ -68,7 +68,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         f"  dtype {manifest.dtype}, opset {manifest.opset}, canvas {manifest.canvas_length}, "
         f"max context {manifest.max_context}"
     )
-    print(lint_export(args.output).format())
+    print(exported.lint.format())
     quantization = manifest.quantization
     if quantization and "accuracy" in quantization:
         from dgrt.exporter.accuracy import format_summary
@@ -81,7 +81,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
     from dgrt.progress import Progress
     from dgrt.tensorrt.build import ENGINE_FILE, build
-    from dgrt.tensorrt.plan import BuildOptions
+    from dgrt.tensorrt.options import BuildOptions
 
     options = BuildOptions(
         target=args.target,
@@ -239,10 +239,10 @@ DEMO_QUESTION = "Reverse: blockdiffusionrefinesinparallel"
 def _cmd_demo(args: argparse.Namespace) -> None:
     import dgrt
     from dgrt.exporter.onnx_export import export
+    from dgrt.presets import write_tiny
     from dgrt.progress import Progress
     from dgrt.runtime.display import CanvasDisplay, summary
     from dgrt.task import Task, score, shipped_checkpoint
-    from dgrt.tiny import write_tiny
 
     with tempfile.TemporaryDirectory(prefix="dgrt-demo-") as tmp:
         t0 = time.perf_counter()
@@ -251,10 +251,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         else:
             ckpt, what = shipped_checkpoint(), "dgrt's trained string-reversal"
         task = Task.from_dir(ckpt)
-        manifest = export(ckpt, Path(tmp) / "onnx", progress=Progress())
+        exported = export(ckpt, Path(tmp) / "onnx", progress=Progress())
+        nodes = sum(sum(g.ops.values()) for g in exported.lint.graphs)
         print(
             f"exported {what} checkpoint to ONNX in {time.perf_counter() - t0:.1f} s "
-            f"(weights {manifest.weights.bytes / 2**20:.1f} MiB, TensorRT lint passed)"
+            f"(weights {exported.manifest.weights.bytes / 2**20:.1f} MiB; TensorRT lint of {nodes} nodes: "
+            f"{'passed' if exported.lint.ok else 'failed'})"
         )
         prompt = args.prompt or (DEMO_QUESTION if task else "Reverse the string 'diffusion'.")
         accuracy = _demo_validation(Path(tmp) / "onnx", ckpt, prompt)
@@ -296,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from dgrt.presets import PRESETS
     from dgrt.runtime.load import BACKENDS
-    from dgrt.tiny import PRESETS
 
     p = sub.add_parser(
         "demo", help="export dgrt's trained model, check it, answer a question with the canvas shown live, score it"

@@ -28,11 +28,10 @@ import torch
 
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.model.sampling import sample_from_uniform
 from dgrt.runtime.backends import KV, Backend, DenoiseInputs, OnnxRuntimeBackend, StepOutputs, TorchBackend
 from dgrt.runtime.generator import ModelInfo
 from dgrt.runtime.kv_cache import KVCache
-from dgrt.runtime.sampler import SamplerConfig, accept
+from dgrt.sampler import SamplerConfig, accept, sample_from_uniform
 
 # What a comparison runs on when it is given no prompts and the model has no task of its own.
 DEFAULT_PROMPTS = (

@@ -52,6 +52,13 @@ def check_output(out_dir: str | Path, force: bool = False, inputs: Iterable[str 
     pid = _lock_holder(_lock_path(out))
     if pid is not None:
         raise _locked(out_dir, out, pid)
+    # Permission bits do not tell everything (root may "write" in /proc, a read-only mount): make and
+    # remove a folder where the output's folders will be made.
+    existing = next(p for p in out.parents if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dgrt-probe.", dir=existing))
+    except OSError as e:
+        raise _cannot_write(out_dir, e) from None
     return out
 
 

@@ -1,4 +1,5 @@
-"""`dgrt validate`: an export, on any backend, against the PyTorch reference (transformers' DiffusionGemma).
+"""`dgrt validate`: an export, on ONNX Runtime or dgrt's PyTorch modules, against the PyTorch reference
+(transformers' DiffusionGemma).
 
 Three kinds of evidence, each against a threshold for the export's precision:
 
@@ -29,9 +30,9 @@ import torch
 
 from dgrt.compare import DEFAULT_PROMPTS, Comparison, HFReference, TeacherForcing, subject_logits, torch_logits
 from dgrt.errors import MAX_SEED, DgrtError, check_ints
-from dgrt.model.sampling import sample_from_uniform
 from dgrt.runtime.backends import TorchBackend
 from dgrt.runtime.generator import Generator
+from dgrt.sampler import sample_from_uniform
 from dgrt.task import TASK_EXAMPLES, Task, score
 
 # Without a tokenizer: random token-id prompts about as long as the built-in ones with a chat template

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 
 from dgrt.config import FULL, SLIDING
 from dgrt.exporter.onnx_export import ExportOptions, export
-from dgrt.tiny import preset_config, write_checkpoint, write_tiny
+from dgrt.presets import preset_config, write_checkpoint, write_tiny
 
 torch.set_num_threads(2)
 
@@ -117,3 +119,32 @@ def untokenized_export(tmp_path_factory: pytest.TempPathFactory, exports: dict[s
     manifest["files"] = [f for f in manifest["files"] if f not in TOKENIZER_FILES] + [TASK_FILE]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Cli = Callable[..., CliResult]  # the `cli` fixture: cli("export", ckpt, "-o", out) -> CliResult
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """`dgrt ARGS...` run in this process (dgrt.cli.main, what `python -m dgrt` calls): its exit code and what
+    it printed. In-process, a command reuses the graphs this session already traced (tens of seconds each);
+    tests/test_cli.py also runs the real executable."""
+    from dgrt.cli import main
+
+    def run(*args: str | Path) -> CliResult:
+        capsys.readouterr()  # only this command's output
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors exit 2, --help 0
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run

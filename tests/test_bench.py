@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import Cli
 
 from dgrt.cli import main
 
@@ -15,14 +14,10 @@ TIMING_KEYS = {"median", "low", "high"}
 GENERATION_KEYS = {"tokens_per_second", "seconds", "seconds_low", "seconds_high", "steps_per_canvas"}
 
 
-def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgrt", "bench", *args], capture_output=True, text=True, timeout=600)
-
-
-def test_bench_json_and_plot(tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
+def test_bench_json_and_plot(cli: Cli, tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
     pytest.importorskip("transformers", reason="--reference needs the reference extra")
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
-    r = bench(str(exports["tiny"]), "--backend", "onnxruntime,torch", "--reference", str(tiny_ckpt),
+    r = cli("bench", str(exports["tiny"]), "--backend", "onnxruntime,torch", "--reference", str(tiny_ckpt),
               "--runs", "1", "--steps", "2,4", "--prompt-lengths", "4,20", "--past-lengths", "0,30",
               "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -43,13 +38,13 @@ def test_bench_json_and_plot(tmp_path: Path, tiny_ckpt: Path, exports: dict[str,
     assert "denoise step latency by cached length" in r.stdout
 
 
-def test_bench_rejects_a_bad_length_list(exports: dict[str, Path]) -> None:
-    r = bench(str(exports["tiny"]), "--past-lengths", "a,b")
+def test_bench_rejects_a_bad_length_list(cli: Cli, exports: dict[str, Path]) -> None:
+    r = cli("bench", str(exports["tiny"]), "--past-lengths", "a,b")
     assert r.returncode == 2 and "expected comma-separated integers" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_bench_refuses_lengths_beyond_the_context(exports: dict[str, Path]) -> None:
-    r = bench(str(exports["tiny"]), "--past-lengths", "0,4090")  # tiny: context 4096, canvas 16
+def test_bench_refuses_lengths_beyond_the_context(cli: Cli, exports: dict[str, Path]) -> None:
+    r = cli("bench", str(exports["tiny"]), "--past-lengths", "0,4090")  # tiny: context 4096, canvas 16
     assert r.returncode == 2 and "cached lengths at most 4080" in r.stderr and r.stderr.count("\n") == 1
 
 

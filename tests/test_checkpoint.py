@@ -15,8 +15,8 @@ import dgrt
 from dgrt.checkpoint import Checkpoint, expected_tensors, load_model
 from dgrt.cli import main
 from dgrt.errors import CheckpointError, ConfigError, DgrtError
-from dgrt.runtime.sampler import SamplerConfig
 from dgrt.runtime.tokenizer import Tokenizer
+from dgrt.sampler import SamplerConfig
 
 EMBED = "model.decoder.embed_tokens.weight"  # F32 [256, 64], the first tensor in the file
 NORM = "model.decoder.norm.weight"  # F32 [64]

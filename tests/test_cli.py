@@ -1,31 +1,35 @@
-"""The `dgrt` command line as a user runs it."""
+"""The `dgrt` command line as a user runs it: the executable itself for exit codes and stderr, the rest in
+this process (the `cli` fixture) where a command can reuse the session's traced graphs."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import Cli
 
 
 def dgrt(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dgrt", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_demo_answers_a_question_with_the_trained_model() -> None:
-    r = dgrt("demo")
+def test_demo_answers_a_question_with_the_trained_model(cli: Cli) -> None:
+    r = cli("demo")
     assert r.returncode == 0, r.stderr
-    assert "exported dgrt's trained string-reversal checkpoint to ONNX" in r.stdout and "lint passed" in r.stdout
+    assert "exported dgrt's trained string-reversal checkpoint to ONNX" in r.stdout
+    assert re.search(r"TensorRT lint of \d+ nodes: passed", r.stdout)
     assert "accuracy against transformers: passed" in r.stdout
     assert "[canvas 2 done]" in r.stdout and "denoise steps of" in r.stdout and "tokens/s" in r.stdout
     assert "answer correct" in r.stdout and "task accuracy" in r.stdout
 
 
-def test_tiny_then_inspect(tmp_path: Path) -> None:
-    r = dgrt("tiny", str(tmp_path / "ck"), "--preset", "tiny", "--seed", "7")
+def test_tiny_then_inspect(cli: Cli, tmp_path: Path) -> None:
+    r = cli("tiny", str(tmp_path / "ck"), "--preset", "tiny", "--seed", "7")
     assert r.returncode == 0, r.stderr
-    r = dgrt("inspect", str(tmp_path / "ck"))
+    r = cli("inspect", str(tmp_path / "ck"))
     assert r.returncode == 0, r.stderr
     assert "4 (SFSF)" in r.stdout
 
@@ -44,10 +48,10 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args: list[str], message: str
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("dgrt: error: ")
 
 
-def test_generate_json_has_ids_text_and_statistics(exports: dict[str, Path]) -> None:
+def test_generate_json_has_ids_text_and_statistics(cli: Cli, exports: dict[str, Path]) -> None:
     import json
 
-    r = dgrt(
+    r = cli(
         "generate",
         str(exports["tiny"]),
         "Hello",
@@ -67,8 +71,8 @@ def test_generate_json_has_ids_text_and_statistics(exports: dict[str, Path]) -> 
     assert out["mean_step_seconds"] > 0 and len(out["prefill_seconds"]) >= 1
 
 
-def test_generate_stream_prints_each_canvas(exports: dict[str, Path]) -> None:
-    r = dgrt(
+def test_generate_stream_prints_each_canvas(cli: Cli, exports: dict[str, Path]) -> None:
+    r = cli(
         "generate",
         str(exports["tiny"]),
         "Hello",
@@ -93,16 +97,16 @@ def test_generate_stream_prints_each_canvas(exports: dict[str, Path]) -> None:
         (["generate", "{export}", ""], "the prompt is empty"),
     ],
 )
-def test_generate_bad_input(exports: dict[str, Path], args: list[str], message: str) -> None:
-    r = dgrt(*[a.format(export=exports["tiny"]) for a in args])
+def test_generate_bad_input(cli: Cli, exports: dict[str, Path], args: list[str], message: str) -> None:
+    r = cli(*[a.format(export=exports["tiny"]) for a in args])
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_quantized_export_from_the_command_line(tiny_ckpt: Path, tmp_path: Path) -> None:
-    r = dgrt("export", str(tiny_ckpt), "-o", str(tmp_path / "q"), "--quant", "int4", "--block-size", "32",
+def test_quantized_export_from_the_command_line(cli: Cli, tiny_ckpt: Path, tmp_path: Path) -> None:
+    r = cli("export", str(tiny_ckpt), "-o", str(tmp_path / "q"), "--quant", "int4", "--block-size", "32",
              "--no-accuracy")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "lint passed" in r.stdout and "accuracy of" not in r.stdout
-    r = dgrt("export", str(tiny_ckpt), "-o", str(tmp_path / "q2"), "--quant", "int4")  # default block 64
+    r = cli("export", str(tiny_ckpt), "-o", str(tmp_path / "q2"), "--quant", "int4")  # default block 64
     assert r.returncode == 2 and "choose a --block-size that divides it" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "q2").exists()

@@ -19,7 +19,7 @@ from dgrt.config import (
     read_generation_config,
 )
 from dgrt.errors import CheckpointError, ConfigError
-from dgrt.tiny import preset_config
+from dgrt.presets import preset_config
 
 
 def tiny_with(**text) -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from conftest import Cli
 from onnx_graphs import OrtGraphs
 
 from dgrt.checkpoint import Checkpoint, checkpoint_key, load_model
@@ -264,10 +263,6 @@ def test_fp16_export_runs_on_onnx_runtime_and_stays_finite(tmp_path: Path, tiny_
     assert all(np.isfinite(out[k].astype(np.float32)).all() for k in ("entropy", "next_soft_embeds"))
 
 
-def dgrt(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgrt", *args], capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize(
     ("setup", "args", "message"),
     [
@@ -280,7 +275,7 @@ def dgrt(*args: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_input_one_error_line_nothing_half_written(
-    tmp_path: Path, tiny_ckpt: Path, setup: str | None, args: list[str], message: str
+    cli: Cli, tmp_path: Path, tiny_ckpt: Path, setup: str | None, args: list[str], message: str
 ) -> None:
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     if setup:
@@ -291,16 +286,16 @@ def test_bad_input_one_error_line_nothing_half_written(
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = dgrt(*[a.format(ckpt=ckpt, out=out) for a in args])
+    r = cli(*[a.format(ckpt=ckpt, out=out) for a in args])
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.startswith("dgrt: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert message in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary folder left
 
 
-def test_bf16_export_from_the_command_line(tmp_path: Path, tiny_ckpt: Path) -> None:
+def test_bf16_export_from_the_command_line(cli: Cli, tmp_path: Path, tiny_ckpt: Path) -> None:
     """bf16 graphs are valid and lint clean (ONNX Runtime CPU has no bf16 MatMul to run them)."""
-    r = dgrt("export", str(tiny_ckpt), "-o", str(tmp_path / "out"), "--dtype", "bf16")
+    r = cli("export", str(tiny_ckpt), "-o", str(tmp_path / "out"), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr
     assert "weights.bin" in r.stdout and "lint passed" in r.stdout
     for name in ("prefill", "denoise"):
@@ -309,7 +304,7 @@ def test_bf16_export_from_the_command_line(tmp_path: Path, tiny_ckpt: Path) -> N
     soft = next(t for t in manifest["graphs"]["denoise"]["inputs"] if t["name"] == "soft_embeds")
     assert manifest["dtype"] == "bf16" and soft["dtype"] == "bfloat16"
     assert manifest["weights"]["bytes"] < 0.6 * Checkpoint.open(tiny_ckpt).weight_bytes  # 2 bytes a weight
-    r = dgrt("lint", str(tmp_path / "out"))
+    r = cli("lint", str(tmp_path / "out"))
     assert r.returncode == 0 and "denoise: opset 21" in r.stdout
 
 

@@ -22,7 +22,7 @@ import torch
 import dgrt
 from dgrt.cli import main
 from dgrt.runtime.generator import Generator, Session
-from dgrt.runtime.sampler import SamplerConfig, SamplerSettings
+from dgrt.sampler import SamplerConfig, SamplerSettings
 from dgrt.validate import inverse_cdf_multinomial
 
 STEPS = 8

@@ -8,7 +8,7 @@ import torch
 
 from dgrt.checkpoint import load_model
 from dgrt.model import Denoise, Prefill
-from dgrt.model.sampling import sample_from_uniform, step_outputs
+from dgrt.sampler import sample_from_uniform, step_outputs
 
 
 @torch.inference_mode()

@@ -102,8 +102,10 @@ MANIFEST_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
         "both graphs name the file 'denoise.onnx'",
     ),
     "weights.bytes negative": (lambda m: m["weights"].update(bytes=-1), "weights: 'bytes' is -1"),
-    "NaN in the JSON": (lambda m: json.loads(json.dumps(m).replace('"max_context": 4096', '"max_context": NaN')),
-                        "not valid JSON"),  # fmt: skip
+    "NaN in the JSON": (
+        lambda m: json.loads(json.dumps(m).replace('"max_context": 4096', '"max_context": NaN')),
+        "not valid JSON",
+    ),  # fmt: skip
     "a future format": (lambda m: m.update(format_version=2), "format_version 2 is not supported"),
     "an unknown quantization recipe": (
         lambda m: m.update(quantization={"recipe": "int2"}),

@@ -121,14 +121,14 @@ def test_an_interrupt_between_the_two_renames_puts_the_old_output_back(
 def test_an_interrupted_command_prints_one_line_and_keeps_the_old_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import dgrt.tiny
+    import dgrt.presets
 
     def interrupted(*_: object, **__: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C while the weights are being written
 
     out = make_output(tmp_path / "ck")
     before = snapshot(tmp_path)
-    monkeypatch.setattr(dgrt.tiny, "save_file", interrupted)
+    monkeypatch.setattr(dgrt.presets, "save_file", interrupted)
     assert main(["tiny", str(out), "--force"]) == 130
     assert capsys.readouterr().err == "dgrt: interrupted\n"
     assert snapshot(tmp_path) == before
@@ -137,14 +137,14 @@ def test_an_interrupted_command_prints_one_line_and_keeps_the_old_checkpoint(
 def test_a_system_error_is_one_line_and_a_bug_keeps_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import dgrt.tiny
+    import dgrt.presets
 
     full = tmp_path / "ck" / "model.safetensors"
 
     def disk_full(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(full))
 
-    monkeypatch.setattr(dgrt.tiny, "save_file", disk_full)
+    monkeypatch.setattr(dgrt.presets, "save_file", disk_full)
     assert main(["tiny", str(tmp_path / "ck")]) == 2
     assert capsys.readouterr().err == f"dgrt: error: {full}: No space left on device\n"
     assert list(tmp_path.iterdir()) == []
@@ -152,7 +152,7 @@ def test_a_system_error_is_one_line_and_a_bug_keeps_its_traceback(
     def bug(*_: object, **__: object) -> None:
         raise ValueError("a bug in dgrt")
 
-    monkeypatch.setattr(dgrt.tiny, "save_file", bug)
+    monkeypatch.setattr(dgrt.presets, "save_file", bug)
     with pytest.raises(ValueError, match="a bug in dgrt"):
         main(["tiny", str(tmp_path / "ck")])
 

@@ -20,7 +20,7 @@ from dgrt.checkpoint import load_model
 from dgrt.compare import Errors, HFReference, PrefillStep, TeacherForcing
 from dgrt.model import DiffusionGemma
 from dgrt.runtime.backends import TorchBackend
-from dgrt.runtime.sampler import SamplerConfig
+from dgrt.sampler import SamplerConfig
 
 transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
 

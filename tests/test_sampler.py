@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dgrt.errors import DgrtError
-from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas
+from dgrt.sampler import AdaptiveStop, SamplerConfig, accept, finalize_canvas
 
 
 @pytest.fixture
@@ -113,4 +113,3 @@ def test_checked_settings_are_plain_python_numbers() -> None:
     assert SamplerConfig().with_overrides(stability_threshold=None).adaptive is False
     with pytest.raises(DgrtError, match=r"unknown sampler setting\(s\) \['temprature'\]"):
         SamplerConfig().with_overrides(temprature=1.0)
-

@@ -14,7 +14,7 @@ import dgrt
 from dgrt.contract import manifest as manifest_mod
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.tensorrt.plan import (
+from dgrt.tensorrt.options import (
     BuildOptions,
     builder_flags,
     check_version,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+from conftest import Cli
 
 from dgrt.cli import build_parser, main
 from dgrt.contract.manifest import file_sha256
@@ -21,16 +20,18 @@ REPORT_KEYS = {"export", "reference", "backend", "dtype", "same_checkpoint", "ch
 CHECK_KEYS = {"name", "measured", "bound", "higher_is_better", "ok"}
 
 
-def validate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgrt", "validate", *args], capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-
-
 def test_fp32_export_passes_and_writes_the_json_report(
-    tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]
+    cli: Cli, tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]
 ) -> None:
-    r = validate(
-        str(exports["tiny"]), "--reference", str(tiny_ckpt), "--steps", "6", "--json", str(tmp_path / "v.json")
+    r = cli(
+        "validate",
+        str(exports["tiny"]),
+        "--reference",
+        str(tiny_ckpt),
+        "--steps",
+        "6",
+        "--json",
+        str(tmp_path / "v.json"),
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "validation passed" in r.stdout
@@ -44,7 +45,9 @@ def test_fp32_export_passes_and_writes_the_json_report(
     assert report["details"]["denoise_positions_compared"] == 3 * 2 * 6 * 16  # prompts x canvases x steps x C
 
 
-def test_a_perturbed_weight_fails_validation(tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]) -> None:
+def test_a_perturbed_weight_fails_validation(
+    cli: Cli, tmp_path: Path, tiny_ckpt: Path, exports: dict[str, Path]
+) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(exports["tiny"], broken)
     norm = ir.load(broken / "denoise.onnx").graph.initializers["model.layers.2.post_attention_layernorm.weight"]
@@ -55,7 +58,7 @@ def test_a_perturbed_weight_fails_validation(tmp_path: Path, tiny_ckpt: Path, ex
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["weights"]["sha256"] = file_sha256(broken / "weights.bin")
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    r = validate(str(broken), "--reference", str(tiny_ckpt), "--steps", "4")
+    r = cli("validate", str(broken), "--reference", str(tiny_ckpt), "--steps", "4")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "validation FAILED" in r.stdout
     assert r.stdout.split("denoise logits error, 99th pct over positions")[1].splitlines()[0].endswith("FAIL")

@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 from dgrt.checkpoint import Checkpoint
-from dgrt.tiny import preset_config, write_checkpoint
+from dgrt.presets import preset_config, write_checkpoint
 
 CHILD = """
 import re, sys

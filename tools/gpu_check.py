@@ -36,9 +36,9 @@ from dgrt.compare import Errors, PrefillStep, TeacherForcing, TorchReference
 from dgrt.errors import DgrtError
 from dgrt.exporter.onnx_export import ExportOptions, export
 from dgrt.exporter.quantize import Recipe
+from dgrt.presets import write_tiny
 from dgrt.task import Task, score, shipped_checkpoint
 from dgrt.tensorrt.build import build
-from dgrt.tiny import write_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

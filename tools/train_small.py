@@ -40,9 +40,7 @@ from dgrt.checkpoint import checkpoint_key
 from dgrt.config import ModelConfig
 from dgrt.fsutil import atomic_write_text
 from dgrt.model import DiffusionGemma
-from dgrt.runtime.tokenizer import Tokenizer
-from dgrt.task import TASK_FILE, Example, Task, score
-from dgrt.tiny import (
+from dgrt.presets import (
     END_TURN_ID,
     PAD_ID,
     PRESETS,
@@ -52,8 +50,10 @@ from dgrt.tiny import (
     tokenizer_config,
     tokenizer_json,
 )
+from dgrt.runtime.tokenizer import Tokenizer
+from dgrt.task import TASK_FILE, Example, Task, score
 
-PRESET = "reverse"  # the architecture, in dgrt.tiny.PRESETS
+PRESET = "reverse"  # the architecture, in dgrt.presets.PRESETS
 CANVAS = PRESETS[PRESET]["canvas_length"]
 # The sampler defaults shipped in generation_config.json: the reference's, with room for 3 canvases.
 GENERATION = {"max_new_tokens": 3 * CANVAS}

@@ -262,8 +262,8 @@ def _graph(graphs: dict[str, Any], name: str, cfg: ModelConfig, dtype: str, wher
     g = _object(graphs, name, where)
     where = f"{where}.{name}"
     outputs = _get(g, "outputs", list, where, "a list of tensors")
-    debug_logits = name == "denoise" and bool(outputs) and isinstance(outputs[-1], dict) and (
-        outputs[-1].get("name") == "logits"
+    debug_logits = (
+        name == "denoise" and bool(outputs) and isinstance(outputs[-1], dict) and (outputs[-1].get("name") == "logits")
     )
     spec = prefill_spec(cfg, dtype) if name == "prefill" else denoise_spec(cfg, dtype, debug_logits)
     for key, expected in (("inputs", spec.inputs), ("outputs", spec.outputs)):
@@ -368,4 +368,3 @@ def _verify_weights(export_dir: Path, weights: WeightsEntry) -> None:
 def write(out: Path, manifest: Manifest) -> None:
     """Write manifest.json atomically (temp file + rename)."""
     atomic_write_text(out / FILE, json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n")
-

@@ -117,14 +117,18 @@ class _RecordingBackend(TorchBackend):
         return super().denoise(inputs, past)
 
 
+def check_samples(samples: int) -> None:
+    if samples < 1:
+        raise DgrtError(f"--calibration-samples is {samples}; expected at least 1.")
+
+
 def calibrate(
     checkpoint_dir: Path, prompts: list[Prompt], samples: int, progress: Progress, batch_size: int = 8
 ) -> dict[str, dict[str, float]]:
     """{graph: {weight parameter: max |GEMM input|}} over `samples` prompts, each generating two canvases."""
     import dgrt
 
-    if samples < 1:
-        raise DgrtError(f"--calibration-samples is {samples}; expected at least 1.")
+    check_samples(samples)
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
     model = load_model(checkpoint_dir)
     recorder = _Recorder(model)

@@ -29,6 +29,7 @@ from dgrt.contract import manifest as manifest_mod
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, GraphSpec, denoise_spec, prefill_spec
 from dgrt.contract.manifest import Manifest, WeightsEntry, mark_verified
 from dgrt.errors import DgrtError
+from dgrt.exporter.lint import LintReport, lint_export
 from dgrt.exporter.manifest import build as build_manifest
 from dgrt.exporter.quantize import (
     QuantizedWeight,
@@ -66,14 +67,20 @@ class ExportOptions:
     measure_accuracy: bool = True  # quantized exports: measure against fp32 into the manifest
 
 
+@dataclass(frozen=True)
+class Exported:
+    manifest: Manifest
+    lint: LintReport  # of the graphs as written (an export that fails it is not written)
+
+
 def export(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
     options: ExportOptions = ExportOptions(),
     force: bool = False,
     progress: Progress | None = None,
-) -> Manifest:
-    """Write an export directory; returns its manifest."""
+) -> Exported:
+    """Write an export directory; returns its manifest and TensorRT lint report."""
     progress = progress or Progress()
     if options.dtype not in DTYPES:
         raise DgrtError(f"unsupported dtype {options.dtype!r}; expected one of {', '.join(DTYPES)}.")
@@ -93,6 +100,13 @@ def export(
     dtype = DTYPES[options.dtype]
 
     model, buffers = _meta_model(ckpt, TORCH_DTYPES[dtype])
+    if options.quant is not None:  # bad quantization options fail now, not after tracing
+        from dgrt.exporter.calibrate import check_samples
+
+        check_samples(options.calibration_samples)
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:  # GEMM weights (and the embedding, which no recipe quantizes)
+                options.quant.check_blocks(name, param.shape)
     specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
     graphs = _traced_graphs(model, dtype, options.opset, max_context, progress)
     if not options.debug_logits:
@@ -131,8 +145,6 @@ def export(
         manifest_mod.write(tmp, manifest)
         mark_verified(tmp, manifest.weights)  # hashed while writing: loading need not hash it again
         progress.update("linting for TensorRT")
-        from dgrt.exporter.lint import lint_export
-
         report = lint_export(tmp)
         if not report.ok:
             raise DgrtError(f"the exported graphs fail the TensorRT lint: {report.errors[0]}")
@@ -143,7 +155,7 @@ def export(
             manifest = replace(manifest, quantization=quantization | {"accuracy": measure(tmp, ckpt.path)})
             manifest_mod.write(tmp, manifest)
         progress.close()
-    return manifest
+    return Exported(manifest, report)
 
 
 def _quantize(

@@ -17,6 +17,7 @@ quantized like any other; its softmax and top-k stay in full precision.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,16 @@ class Recipe:
         if self.name == "int4-experts":
             return "int4" if ".experts." in param else "fp8"
         return "int4" if self.name == "int4" else "fp8"
+
+    def check_blocks(self, param: str, shape: Sequence[int]) -> None:
+        """Refuse a GEMM weight ([N, K] or [E, N, K]) whose input dimension K this recipe's INT4 blocks do
+        not divide. Called on the model's parameters before tracing, and on each weight as it is rewritten."""
+        k = shape[-1]
+        if self.weight_format(param) == "int4" and k % self.block_size:
+            raise DgrtError(
+                f"{param} has input dimension {k}, which INT4 blocks of {self.block_size} do not divide; "
+                "choose a --block-size that divides it."
+            )
 
 
 # -- the weight math (torch; W is [N, K] for linear layers, [E, N, K] for expert stacks) ------------------
@@ -138,12 +149,8 @@ def quantize_weights(
         if fmt is None:
             continue
         dims = [int(d) for d in weight.shape.dims if isinstance(d, int)]  # weights have static shapes
+        recipe.check_blocks(param, dims)
         k = dims[-1]
-        if fmt == "int4" and k % recipe.block_size:
-            raise DgrtError(
-                f"{param} has input dimension {k}, which INT4 blocks of {recipe.block_size} do not divide; "
-                "choose a --block-size that divides it."
-            )
         q_name, s_name = weight.name + QUANTIZED_SUFFIX, weight.name + SCALE_SUFFIX
         if fmt == "fp8":
             q_dtype, s_dims = ir.DataType.FLOAT8E4M3FN, dims[:1] if len(dims) == 2 else [*dims[:-1], 1]

@@ -18,7 +18,7 @@ from torch import nn
 
 from dgrt.config import ModelConfig
 from dgrt.model.layers import Layer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
-from dgrt.model.sampling import step_outputs
+from dgrt.sampler import step_outputs
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -71,7 +71,7 @@ class DiffusionGemma(nn.Module):
             if i == last:  # the last layer's output feeds no cache: skip its attention and MLPs
                 new.append(layer.key_value(x, cos, sin))
             else:
-                x, k, v = layer(x, cos, sin, past_k, past_v, True, pad_lengths, history)
+                x, k, v = layer(x, cos, sin, past_k, past_v, causal=True, pad_lengths=pad_lengths, history=history)
                 new.append((k, v))
         return new
 
@@ -89,7 +89,7 @@ class DiffusionGemma(nn.Module):
         history = self._history(past)
         for layer, (past_k, past_v) in zip(self.blocks, past, strict=True):
             cos, sin = rope[layer.spec.layer_type]
-            x, _, _ = layer(x, cos, sin, past_k, past_v, False, pad_lengths, history)
+            x, _, _ = layer(x, cos, sin, past_k, past_v, causal=False, pad_lengths=pad_lengths, history=history)
         h = self.norm(x)  # the LM head is the tied embedding, applied as a 2-D linear (see layers.Linear)
         logits = F.linear(h.reshape(-1, h.shape[-1]), self.embed_tokens.weight).reshape(*h.shape[:-1], -1).float()
         cap = self.config.final_logit_softcapping
@@ -142,7 +142,7 @@ class Denoise(nn.Module):
 
     (canvas_ids [B, C], soft_embeds [B, C, H], position_ids [B, C], pad_lengths [B], temperature [B],
     uniform [B, C], past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C], entropy [B, C],
-    next_soft_embeds [B, C, H] [, logits [B, C, V] with debug_logits]). See dgrt.model.sampling.
+    next_soft_embeds [B, C, H] [, logits [B, C, V] with debug_logits]). See dgrt.sampler.
     """
 
     def __init__(self, model: DiffusionGemma, debug_logits: bool = False):

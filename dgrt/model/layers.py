@@ -247,6 +247,7 @@ class Layer(nn.Module):
         sin: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
+        *,
         causal: bool,
         pad_lengths: torch.Tensor | None = None,
         history: int = 0,

@@ -31,8 +31,8 @@ import torch
 from dgrt.errors import MAX_SEED, DgrtError
 from dgrt.runtime.backends import Backend, DenoiseInputs, StepOutputs
 from dgrt.runtime.kv_cache import KVCache, LayerShape
-from dgrt.runtime.sampler import AdaptiveStop, SamplerConfig, SamplerSettings, accept, finalize_canvas, show
 from dgrt.runtime.tokenizer import Tokenizer
+from dgrt.sampler import AdaptiveStop, SamplerConfig, SamplerSettings, accept, finalize_canvas, show
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message] | Sequence[int] | np.ndarray | torch.Tensor

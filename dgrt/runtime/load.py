@@ -16,8 +16,8 @@ from dgrt.errors import DgrtError
 from dgrt.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.kv_cache import LayerShape
-from dgrt.runtime.sampler import SamplerConfig
 from dgrt.runtime.tokenizer import Tokenizer
+from dgrt.sampler import SamplerConfig
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 

@@ -24,7 +24,7 @@ from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
 from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
-from dgrt.tensorrt.plan import BuildOptions, max_shapes, onnx_digest
+from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest
 
 if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
     import tensorrt as trt
@@ -84,9 +84,7 @@ class TensorRTBackend:
             if options.strip_weights:  # refill the weight-stripped plan from the ONNX weights
                 refitter = trt.Refitter(engine, logger)
                 if (
-                    not trt.OnnxParserRefitter(refitter, logger).refit_from_file(
-                        str(export_dir / self.files[graph])
-                    )
+                    not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(export_dir / self.files[graph]))
                     or not refitter.refit_cuda_engine()
                 ):
                     raise DgrtError(f"TensorRT could not refit the {graph} engine from {export_dir}.")
@@ -131,9 +129,7 @@ class TensorRTBackend:
 
     def _outputs(self, graph: str) -> list[torch.Tensor]:
         context = self.contexts[graph]
-        return [
-            self._view(graph, s.name, _shape(context.get_tensor_shape(s.name))) for s in self.specs[graph].outputs
-        ]
+        return [self._view(graph, s.name, _shape(context.get_tensor_shape(s.name))) for s in self.specs[graph].outputs]
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
         with torch.cuda.stream(self.stream):

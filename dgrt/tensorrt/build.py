@@ -2,7 +2,7 @@
 
 Networks are strongly typed: the precision is the ONNX's (its dtype and Q/DQ), so the same code builds on
 TensorRT 10.x and 11.x (11 removed the precision builder flags). One optimization profile per graph from
-the manifest's dims (dgrt.tensorrt.plan); the timing cache is read and written back when given. An
+the manifest's dims (dgrt.tensorrt.options); the timing cache is read and written back when given. An
 engine directory whose key exists is reused unless forced: the key covers the TensorRT version, GPU,
 precision, profiles, flags and the ONNX digest.
 """
@@ -19,7 +19,7 @@ from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.fsutil import atomic_dir, atomic_write_bytes
 from dgrt.progress import Progress
-from dgrt.tensorrt.plan import (
+from dgrt.tensorrt.options import (
     BuildOptions,
     builder_flags,
     check_version,

@@ -51,8 +51,7 @@ def check_version(trt_version: str, manifest: Manifest) -> int:
     need = MIN_VERSION[manifest.precision]
     if (major, minor) < need:
         raise DgrtError(
-            f"TensorRT {trt_version} cannot build {manifest.precision} engines; "
-            f"{need[0]}.{need[1]} or newer is needed."
+            f"TensorRT {trt_version} cannot build {manifest.precision} engines; {need[0]}.{need[1]} or newer is needed."
         )
     return major
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dgrt.checkpoint import Checkpoint
+from dgrt.presets import BOS_ID, END_TURN_ID, PRESETS, START_TURN_ID, write_tiny
 from dgrt.runtime.tokenizer import Tokenizer
-from dgrt.tiny import BOS_ID, END_TURN_ID, PRESETS, START_TURN_ID, write_tiny
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
