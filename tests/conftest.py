@@ -101,6 +101,21 @@ def exports(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Pat
 
 
 @pytest.fixture(scope="session")
+def two_layer_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset cut to one sliding and one full layer: for the half-precision exports, where the
+    layer count is not the point (tracing costs seconds per layer)."""
+    cfg = variant_config(num_hidden_layers=2, layer_types=[SLIDING, FULL])
+    return write_checkpoint(tmp_path_factory.mktemp("two-layer") / "ckpt", cfg, seed=3, tag="two-layer")
+
+
+@pytest.fixture(scope="session")
+def fp16_export(tmp_path_factory: pytest.TempPathFactory, two_layer_ckpt: Path) -> Path:
+    out = tmp_path_factory.mktemp("fp16") / "export"
+    export(two_layer_ckpt, out, ExportOptions(dtype="fp16"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def untokenized_export(tmp_path_factory: pytest.TempPathFactory, exports: dict[str, Path]) -> Path:
     """The tiny export as if made from a checkpoint without tokenizer files but trained on dgrt's task (a
     dgrt_task.json): what validate and bench must handle on token ids alone."""

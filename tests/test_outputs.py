@@ -67,7 +67,7 @@ def test_an_output_that_would_destroy_files_is_refused_and_nothing_changes(
     def no_tracing(*_: object) -> None:
         raise AssertionError("the output must be refused before the model is built and traced")
 
-    monkeypatch.setattr(onnx_export, "_meta_model", no_tracing)
+    monkeypatch.setattr(onnx_export, "meta_model", no_tracing)
     monkeypatch.chdir(work / cwd)
     before = snapshot(work.parent)
     assert main(args) == 2

@@ -64,12 +64,10 @@ def test_a_perturbed_weight_fails_validation(
     assert r.stdout.split("denoise logits error, 99th pct over positions")[1].splitlines()[0].endswith("FAIL")
 
 
-def test_fp16_bounds_come_from_the_precisions_own_error(tmp_path: Path, tiny_ckpt: Path) -> None:
-    from dgrt.exporter.onnx_export import ExportOptions, export
+def test_fp16_bounds_come_from_the_precisions_own_error(fp16_export: Path, two_layer_ckpt: Path) -> None:
     from dgrt.validate import validate as run
 
-    export(tiny_ckpt, tmp_path / "fp16", ExportOptions(dtype="fp16"))
-    report = run(tmp_path / "fp16", tiny_ckpt, steps=4, canvases=1)
+    report = run(fp16_export, two_layer_ckpt, steps=4, canvases=1)
     assert report.ok, report.format()
     baseline = report.details["baseline"]
     checks = {c.name: c for c in report.checks}

@@ -26,15 +26,16 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-PHASES = {"tracing prefill": "trace prefill", "tracing denoise": "trace denoise", "writing weights": "attach weights",
-          "saving": "save", "linting": "lint"}  # fmt: skip
-ORDER = ["open, meta model", "reuse traced graphs", "trace prefill", "trace denoise", "fold constants", "name nodes",
-         "attach weights", "save", "manifest", "lint", "other"]  # fmt: skip
+PHASES = {"tracing prefill and denoise": "trace both (two processes)", "tracing prefill": "trace prefill",
+          "tracing denoise": "trace denoise", "writing weights": "attach weights", "saving": "save",
+          "linting": "lint"}  # fmt: skip
+ORDER = ["open, meta model", "reuse traced graphs", "trace both (two processes)", "trace prefill", "trace denoise",
+         "fold constants", "name nodes", "attach weights", "save", "manifest", "lint", "other"]  # fmt: skip
 
 
 def profile_once(checkpoint: Path, dtype: str) -> dict[str, float]:
     """Export once; returns seconds per phase and 'total'."""
-    from dgrt.exporter import onnx_export
+    from dgrt.exporter import onnx_export, tracing
     from dgrt.progress import Progress
 
     marks: list[tuple[str, float]] = []  # (the phase that starts, when)
@@ -51,10 +52,10 @@ def profile_once(checkpoint: Path, dtype: str) -> dict[str, float]:
         def close(self) -> None:
             mark("other")
 
-    def timed(name: str, phase: str, after: str | None) -> Callable[..., Any]:
-        """onnx_export.<name>, marking `phase` when called and `after` (None: the phase it interrupted) when
-        it returns."""
-        original = getattr(onnx_export, name)
+    def timed(module: Any, name: str, phase: str, after: str | None) -> Callable[..., Any]:
+        """module.<name>, marking `phase` when called and `after` (None: the phase it interrupted) when it
+        returns."""
+        original = getattr(module, name)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             before = marks[-1][0]
@@ -66,21 +67,22 @@ def profile_once(checkpoint: Path, dtype: str) -> dict[str, float]:
 
         return wrapper
 
-    wrappers = {"_traced_graphs": ("reuse traced graphs", "other"), "_fold_constants": ("fold constants", None),
-                "_name_nodes": ("name nodes", None), "_copy_side_files": ("manifest", "manifest")}  # fmt: skip
-    # (an exporter without one of these, e.g. an older one profiled for a comparison, just lacks that phase)
-    originals = {name: getattr(onnx_export, name) for name in wrappers if hasattr(onnx_export, name)}
+    # (in this process only: the denoise graph's worker process, with two CPUs, is timed as a whole)
+    wrappers = {(onnx_export, "traced_graphs"): ("reuse traced graphs", "other"),
+                (tracing, "_fold_constants"): ("fold constants", None), (tracing, "_name_nodes"): ("name nodes", None),
+                (onnx_export, "_copy_side_files"): ("manifest", "manifest")}  # fmt: skip
+    originals = {key: getattr(*key) for key in wrappers}
     try:
-        for name in originals:
-            setattr(onnx_export, name, timed(name, *wrappers[name]))
+        for (module, name), phases in wrappers.items():
+            setattr(module, name, timed(module, name, *phases))
         with tempfile.TemporaryDirectory(prefix="dgrt-export-profile-") as tmp:
             mark("open, meta model")
             onnx_export.export(checkpoint, Path(tmp) / "export", onnx_export.ExportOptions(dtype=dtype),
                                progress=Recorder(enabled=False))  # fmt: skip
             end = time.perf_counter()
     finally:
-        for name, f in originals.items():
-            setattr(onnx_export, name, f)
+        for (module, name), f in originals.items():
+            setattr(module, name, f)
     times: dict[str, float] = defaultdict(float)
     for (phase, t), (_, t_next) in zip(marks, [*marks[1:], ("", end)], strict=True):
         times[phase] += t_next - t

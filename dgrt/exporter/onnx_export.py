@@ -8,25 +8,17 @@ than RAM can be exported.
 
 from __future__ import annotations
 
-import ast
-import logging
 import shutil
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 import torch
-from onnxscript.optimizer import fold_constants
-from torch import nn
 
-from dgrt import __version__
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.contract import manifest as manifest_mod
-from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, GraphSpec, denoise_spec, prefill_spec
+from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, denoise_spec, prefill_spec
 from dgrt.contract.manifest import Manifest, WeightsEntry, mark_verified
 from dgrt.errors import DgrtError
 from dgrt.exporter.lint import LintReport, lint_export
@@ -38,9 +30,9 @@ from dgrt.exporter.quantize import (
     quantize_weight,
     quantize_weights,
 )
+from dgrt.exporter.tracing import is_weight, meta_model, traced_graphs
 from dgrt.exporter.weights import WeightFile
 from dgrt.fsutil import atomic_dir, check_output
-from dgrt.model import Denoise, DiffusionGemma, Prefill
 from dgrt.progress import Progress
 from dgrt.task import TASK_FILE
 
@@ -50,8 +42,6 @@ DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
-# Example sizes for tracing: all different, none 0 or 1, so torch.export specialises nothing.
-EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6}
 
 
 @dataclass(frozen=True)
@@ -99,7 +89,7 @@ def export(
     check_output(out_dir, force, inputs=[ckpt.path])  # fail now, not after tracing and calibration
     dtype = DTYPES[options.dtype]
 
-    model, buffers = _meta_model(ckpt, TORCH_DTYPES[dtype])
+    model, buffers = meta_model(cfg, TORCH_DTYPES[dtype])
     if options.quant is not None:  # bad quantization options fail now, not after tracing
         from dgrt.exporter.calibrate import check_samples
 
@@ -108,7 +98,7 @@ def export(
             if param.ndim >= 2:  # GEMM weights (and the embedding, which no recipe quantizes)
                 options.quant.check_blocks(name, param.shape)
     specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
-    graphs = _traced_graphs(model, dtype, options.opset, max_context, progress)
+    graphs = traced_graphs(model, dtype, options.opset, max_context, progress)
     if not options.debug_logits:
         graphs["denoise"].graph.outputs.pop()  # "logits", the last output
     quantized: dict[str, QuantizedWeight] = {}
@@ -194,146 +184,6 @@ def _quantize(
     return planned, entry
 
 
-def _meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[DiffusionGemma, dict[str, torch.Tensor]]:
-    """The model with no storage (meta), and the real values of its buffers (not in the checkpoint)."""
-    with torch.device("meta"):
-        model = DiffusionGemma(ckpt.config)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # built on the CPU (RoPE frequencies)
-    model = model.to(device="meta", dtype=dtype)
-    for name, b in buffers.items():  # keep RoPE frequencies in fp32 whatever the model dtype
-        module_name, _, attr = name.rpartition(".")
-        (model.get_submodule(module_name) if module_name else model)._buffers[attr] = b.to("meta")
-    return model.eval().requires_grad_(False), buffers
-
-
-# Traced graphs by (config, dtype, opset, max context), least recently used first. Tracing is most of an
-# export's time (tens of seconds, whatever the weights) and depends on nothing else, so a process that
-# exports an architecture again (the test suite; a quantized export after a float one) traces it once.
-_TRACED: dict[tuple[str, str, int, int], dict[str, ir.Model]] = {}
-_TRACED_KEEP = 8
-
-
-def _traced_graphs(
-    model: DiffusionGemma, dtype: str, opset: int, max_context: int, progress: Progress
-) -> dict[str, ir.Model]:
-    """Both graphs, without weights: copies the caller may change. The denoise graph is always traced with
-    its logits output, which the caller drops unless asked for: the value keeps the name "logits" inside
-    the graph, where `dgrt validate` can expose it again."""
-    cfg = model.config
-    key = (repr(cfg), dtype, opset, max_context)  # every field but `raw`, which the graphs do not read
-    graphs = _TRACED.pop(key, None)
-    if graphs is None:
-        traced = {
-            "prefill": (Prefill(model), prefill_spec(cfg, dtype)),
-            "denoise": (Denoise(model, True), denoise_spec(cfg, dtype, True)),
-        }
-        graphs = {}
-        for i, (name, (module, spec)) in enumerate(traced.items()):
-            progress.update(f"tracing {name} graph ({i + 1}/2)")
-            graphs[name] = _without_tracing_state(_trace(module, spec, opset, max_context))
-        while len(_TRACED) >= _TRACED_KEEP:
-            del _TRACED[next(iter(_TRACED))]
-    _TRACED[key] = graphs  # now the most recently used
-    return {name: graph.clone() for name, graph in graphs.items()}
-
-
-def _without_tracing_state(model: ir.Model) -> ir.Model:
-    """A copy that no longer points to torch's tracing state (FX graph, fake tensors, shape environment:
-    tens of MiB), which the exporter leaves in every node's and value's `meta`."""
-    for node in model.graph:
-        node.meta.clear()
-        for value in node.outputs:
-            value.meta.clear()
-    for value in (*model.graph.inputs, *model.graph.initializers.values()):
-        value.meta.clear()
-    return model.clone()  # leaves behind the values the graph dropped, which keep theirs
-
-
-def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> ir.Model:
-    dims = {
-        "batch": torch.export.Dim("batch", min=1, max=4096),
-        "seq": torch.export.Dim("seq", min=1, max=max_context),
-        "past_full": torch.export.Dim("past_full", min=0, max=max_context),
-        "past_sliding": torch.export.Dim("past_sliding", min=0, max=max_context),
-    }
-    args, shapes = [], []
-    for t in spec.inputs:
-        size = [EXAMPLE_DIMS[d] if isinstance(d, str) else d for d in t.shape]
-        args.append(torch.zeros(size, dtype=TORCH_DTYPES[t.dtype], device="meta"))
-        shapes.append({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)})
-    n_fixed = sum(1 for t in spec.inputs if t.layer is None)  # the rest are the *past varargs
-    dynamic_shapes = (*shapes[:n_fixed], tuple(shapes[n_fixed:]))
-    # Without torch's fake-tensor dispatch cache: with symbolic shapes it costs more than it saves here
-    # (measured: the same graphs, about 10% sooner).
-    from torch._dynamo import config as dynamo_config  # imported by torch.onnx.export anyway
-
-    no_fake_cache = dynamo_config.patch(fake_tensor_cache_enabled=False)
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_logger("torch.onnx"), no_fake_cache:
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            tuple(args),
-            dynamic_shapes=dynamic_shapes,
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            opset_version=opset,
-            dynamo=True,
-            optimize=False,  # the optimizer cannot run on meta tensors; the graph is small anyway
-            verbose=False,
-        )
-    assert program is not None  # dynamo=True always returns a program
-    model = program.model
-    _fold_constants(model)
-    _name_nodes(model)
-    model.producer_name, model.producer_version = "dgrt", __version__
-    model.graph.name = spec.name
-    model.doc_string = spec.doc
-    return model
-
-
-@contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _fold_constants(model: ir.Model) -> None:
-    """Fold the small constant subgraphs the exporter leaves (shapes, axes) into constants: TensorRT's
-    parser wants some of them (Reduce axes, TopK's K) as build-time constants. Nodes that read a weight
-    are left alone, so no weight is read, copied or transformed."""
-
-    def should_fold(node: ir.Node) -> bool | None:
-        return False if any(v is not None and _is_weight(v) for v in node.inputs) else None
-
-    fold_constants(model, should_fold=should_fold)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-
-
-def _name_nodes(model: ir.Model) -> None:
-    """Hierarchical node names from the module path ("model.layers.3/linear_12"), stable across exports;
-    the exporter's per-node metadata (stack traces with local paths) is dropped."""
-    used: set[str] = set()
-    for node in model.graph:
-        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-        base = "/".join(s for s in ast.literal_eval(scopes) if s) if scopes else (node.name or node.op_type)
-        name, k = base, 0
-        while name in used:  # one torch op may become several nodes
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        node.name = name
-        node.metadata_props.clear()
-
-
-def _is_weight(value: ir.Value) -> bool:
-    return (value.name or "").startswith("model.")
-
-
 def _attach_weights(
     graphs: dict[str, ir.Model],
     ckpt: Checkpoint,
@@ -347,7 +197,7 @@ def _attach_weights(
 ) -> None:
     """Point every model initializer at the weights file; each tensor is written once for both graphs.
     Quantized weights are computed from the checkpoint tensor here, one weight at a time."""
-    values = [v for g in graphs.values() for v in g.graph.initializers.values() if _is_weight(v)]
+    values = [v for g in graphs.values() for v in g.graph.initializers.values() if is_weight(v)]
     written: dict[str, tuple[int, int]] = {}
     names = list(dict.fromkeys(v.name for v in values))
     current: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # the last quantized weight
