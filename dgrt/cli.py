@@ -198,6 +198,20 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(f"plot written to {args.plot}")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from dgrt.exporter.quantize import Recipe
+    from dgrt.fsutil import atomic_write_text
+    from dgrt.plan import make_plan
+
+    recipe = Recipe(args.quant, args.block_size) if args.quant else None
+    plan = make_plan(args.source, args.dtype, recipe, args.target, args.batch, args.context, args.prompt, args.steps)
+    print(plan.format())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(plan.to_json(), indent=2) + "\n")
+
+
 def _int_list(text: str) -> list[int]:
     """Comma-separated integers; their ranges are checked where they are used (validate, run_bench)."""
     try:
@@ -298,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from dgrt.contract.io_spec import DTYPES
+    from dgrt.exporter.onnx_export import DEFAULT_OPSET
+    from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
     from dgrt.presets import PRESETS
     from dgrt.runtime.load import BACKENDS
 
@@ -358,6 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
     p.set_defaults(func=_cmd_validate)
 
+    p = sub.add_parser(
+        "plan", help="will it fit, how fast can it go: memory and speed floors per GPU target, without running it"
+    )
+    p.add_argument(
+        "source", help="an export directory, a checkpoint folder, or gemma4-26b-a4b (the real model's config)"
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: an export's own, else fp32 (as dgrt export)")
+    p.add_argument("--quant", choices=RECIPES, help="plan a quantized export: fp8, int4, int4-experts")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=64, help="INT4 block size (default 64)")
+    p.add_argument("--target", help="one of h100, h200, a100, l40s, b200, orin, thor (default: a table of all)")
+    p.add_argument("--batch", type=int, default=1, help="rows generated together (default 1)")
+    p.add_argument("--prompt", type=int, default=1024, help="prompt tokens (default 1024)")
+    p.add_argument(
+        "--context", type=int, help="tokens of one row in all (default: prompt + max_new_tokens in canvases)"
+    )
+    p.add_argument("--steps", type=float, help="denoise steps per canvas (default: generation_config's maximum)")
+    p.add_argument("--json", type=Path, help="also write the plan as JSON to this file")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("bench", help="measure prefill, denoise and generation speed (optionally against transformers)")
     p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
     p.add_argument("--backend", type=_backend_list, help="onnxruntime, torch, tensorrt, or several comma-separated")
@@ -377,10 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_tiny)
-
-    from dgrt.contract.io_spec import DTYPES
-    from dgrt.exporter.onnx_export import DEFAULT_OPSET
-    from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
 
     p = sub.add_parser("export", help="export the prefill and denoise graphs of a checkpoint to ONNX")
     p.add_argument("checkpoint", type=Path, help="a DiffusionGemma checkpoint folder (Hugging Face layout)")

@@ -101,6 +101,20 @@ def exports(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Pat
 
 
 @pytest.fixture(scope="session")
+def quantized(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> dict[str, Path]:
+    """The tiny preset exported with each quantization recipe (INT4 blocks of 32; fp8 with its accuracy)."""
+    from dgrt.exporter.quantize import Recipe
+
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for recipe in ("fp8", "int4", "int4-experts"):
+        options = ExportOptions(quant=Recipe(recipe, 32), calibration_samples=4, measure_accuracy=recipe == "fp8")
+        export(tiny_ckpt, root / recipe, options)
+        out[recipe] = root / recipe
+    return out
+
+
+@pytest.fixture(scope="session")
 def two_layer_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset cut to one sliding and one full layer: for the half-precision exports, where the
     layer count is not the point (tracing costs seconds per layer)."""

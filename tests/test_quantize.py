@@ -62,17 +62,6 @@ def test_recipes_choose_formats_per_weight() -> None:
 # -- exports ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("quantized")
-    out = {}
-    for recipe in ("fp8", "int4", "int4-experts"):
-        options = ExportOptions(quant=Recipe(recipe, 32), calibration_samples=4, measure_accuracy=recipe == "fp8")
-        export(tiny_ckpt, root / recipe, options)
-        out[recipe] = root / recipe
-    return out
-
-
 def _weight_gemms(model: ir.Model) -> list[tuple[ir.Node, int, int]]:
     """(GEMM, weight input, activation input) for every GEMM fed by a dequantized weight."""
     out = []

@@ -30,7 +30,7 @@ from dgrt.exporter.quantize import (
     quantize_weight,
     quantize_weights,
 )
-from dgrt.exporter.tracing import is_weight, meta_model, traced_graphs
+from dgrt.exporter.tracing import is_weight, meta_model, traced_graphs, weight_order
 from dgrt.exporter.weights import WeightFile
 from dgrt.fsutil import atomic_dir, check_output
 from dgrt.progress import Progress
@@ -110,7 +110,16 @@ def export(
         weights = WeightFile(tmp / WEIGHTS_FILE)
         try:
             _attach_weights(
-                graphs, ckpt, buffers, TORCH_DTYPES[dtype], weights, tmp, progress, quantized, options.quant
+                graphs,
+                ckpt,
+                buffers,
+                TORCH_DTYPES[dtype],
+                weights,
+                tmp,
+                progress,
+                quantized,
+                options.quant,
+                weight_order(model),
             )
         finally:
             weights_sha = weights.close()
@@ -194,12 +203,23 @@ def _attach_weights(
     progress: Progress,
     quantized: dict[str, QuantizedWeight],
     recipe: Recipe | None,
+    order: dict[str, int],
 ) -> None:
-    """Point every model initializer at the weights file; each tensor is written once for both graphs.
-    Quantized weights are computed from the checkpoint tensor here, one weight at a time."""
+    """Point every model initializer at the weights file; each tensor is written once for both graphs, in
+    `order` (see tracing.weight_order). Quantized weights are computed from the checkpoint tensor here, one
+    weight at a time."""
     values = [v for g in graphs.values() for v in g.graph.initializers.values() if is_weight(v)]
+    shapes: dict[str, ir.Shape] = {}
+    for v in values:
+        assert v.name is not None and v.shape is not None  # initializers are named and typed
+        shapes[v.name] = v.shape
+
+    def position(name: str) -> tuple[int, bool]:  # in `order`; a quantized weight's data, then its scale
+        q = quantized.get(name)
+        return (order["model." + q.param], q.part == "scale") if q else (order[name], False)
+
+    names = sorted(shapes, key=position)
     written: dict[str, tuple[int, int]] = {}
-    names = list(dict.fromkeys(v.name for v in values))
     current: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # the last quantized weight
 
     def tensor_for(name: str, shape: ir.Shape) -> torch.Tensor:
@@ -220,15 +240,14 @@ def _attach_weights(
             )
         return tensor
 
+    for i, name in enumerate(names):
+        progress.update("writing weights", i, len(names))
+        written[name] = weights.add(tensor_for(name, shapes[name]))
     for value in values:
-        name, shape, dtype_ = value.name, value.shape, value.dtype
-        assert name is not None and shape is not None and dtype_ is not None  # initializers are typed
-        if name not in written:
-            progress.update("writing weights", len(written), len(names))
-            written[name] = weights.add(tensor_for(name, shape))
-        offset, length = written[name]
+        assert value.name is not None and value.dtype is not None
+        offset, length = written[value.name]
         value.const_value = ir.ExternalTensor(
-            WEIGHTS_FILE, offset, length, dtype_, shape=shape, name=name, base_dir=base_dir
+            WEIGHTS_FILE, offset, length, value.dtype, shape=shapes[value.name], name=value.name, base_dir=base_dir
         )
 
 

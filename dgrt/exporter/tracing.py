@@ -64,6 +64,14 @@ def is_weight(value: ir.Value) -> bool:
     return (value.name or "").startswith("model.")
 
 
+def weight_order(model: DiffusionGemma) -> dict[str, int]:
+    """The order weights are written in (parameters, then buffers, as the modules define them), by the
+    initializer name the graphs give them: one layout for every export of an architecture, whatever order
+    tracing produced, so `dgrt plan` can predict the file byte for byte."""
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    return {f"model.{name}": i for i, name in enumerate(names)}
+
+
 def traced_graphs(
     model: DiffusionGemma, dtype: str, opset: int, max_context: int, progress: Progress
 ) -> dict[str, ir.Model]:

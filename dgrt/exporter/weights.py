@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,9 +29,8 @@ class WeightFile:
     def add(self, tensor: torch.Tensor) -> tuple[int, int]:
         """Write a tensor; returns (offset, length) in bytes."""
         data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
-        alignment = LARGE_ALIGNMENT if data.nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
-        self._write(bytes(-self.size % alignment))
-        offset = self.size
+        offset = aligned(self.size, data.nbytes)
+        self._write(bytes(offset - self.size))
         self._write(data.data)
         self.count += 1
         return offset, data.nbytes
@@ -44,3 +44,17 @@ class WeightFile:
         """Close the file; returns its sha256 as 'sha256:<hex>'."""
         self._file.close()
         return "sha256:" + self._sha.hexdigest()
+
+
+def aligned(offset: int, nbytes: int) -> int:
+    """Where a tensor of `nbytes` written after `offset` bytes of the file starts."""
+    alignment = LARGE_ALIGNMENT if nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+    return offset + -offset % alignment
+
+
+def file_size(tensor_bytes: Iterable[int]) -> int:
+    """The size of a weights file holding tensors of these sizes, written in this order."""
+    size = 0
+    for nbytes in tensor_bytes:
+        size = aligned(size, nbytes) + nbytes
+    return size

@@ -50,6 +50,11 @@ class DiffusionGemma(nn.Module):
         """Cached slots in all: the past length of a full layer (the last layer always is one)."""
         return past[-1][0].shape[2]
 
+    def unread_parameters(self) -> set[str]:
+        """Parameters neither graph reads: prefill skips the last layer's output (only its K/V are cached),
+        so that layer's encoder scalar is read by no graph and no export writes it."""
+        return {f"layers.{len(self.blocks) - 1}.encoder_layer_scalar"}
+
     def prefill(
         self,
         input_ids: torch.Tensor,

@@ -205,6 +205,12 @@ class Generator:
         self._lock = threading.Lock()
         self._owner: threading.Thread | None = None
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache the last call allocated (kept for the next one); 0 before the first."""
+        cache = self._cache
+        return 0 if cache is None else cache.nbytes
+
     def close(self) -> None:
         with self._exclusive():
             self.backend.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dgrt.config import ModelConfig
 from dgrt.errors import DgrtError
 
 
@@ -21,6 +22,20 @@ class LayerShape:
     num_kv_heads: int
     head_dim: int
     window: int | None  # sliding layers: keep the last window - 1 tokens
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> list[LayerShape]:
+        return [cls(s.num_kv_heads, s.head_dim, cfg.sliding_window if s.is_sliding else None) for s in cfg.layers]
+
+    def tokens_held(self, capacity: int, max_new: int) -> int:
+        """Tokens this layer's buffer holds in a cache of `capacity` tokens whose appends bring at most
+        `max_new` (a sliding layer needs its window - 1 plus one append, however long the context)."""
+        return capacity if self.window is None else min(capacity, self.window - 1 + max_new)
+
+
+def cache_bytes(layers: list[LayerShape], batch: int, capacity: int, max_new: int, itemsize: int) -> int:
+    """The bytes a KVCache(layers, batch, capacity, max_new, ...) allocates, K and V."""
+    return sum(2 * batch * s.num_kv_heads * s.tokens_held(capacity, max_new) * s.head_dim * itemsize for s in layers)
 
 
 class KVCache:
@@ -40,8 +55,7 @@ class KVCache:
         self._kept = [0] * len(layers)  # tokens each layer holds
         self._buffers = []
         for shape in layers:
-            cap = capacity if shape.window is None else min(capacity, shape.window - 1 + max_new)
-            numel = batch * shape.num_kv_heads * cap * shape.head_dim
+            numel = batch * shape.num_kv_heads * shape.tokens_held(capacity, max_new) * shape.head_dim
             self._buffers.append(
                 (torch.zeros(numel, dtype=dtype, device=device), torch.zeros(numel, dtype=dtype, device=device))
             )

@@ -91,9 +91,7 @@ def _tokenizer(path: Path) -> Tokenizer | None:
 
 def _info(cfg: ModelConfig, max_context: int) -> ModelInfo:
     return ModelInfo(
-        layers=[
-            LayerShape(s.num_kv_heads, s.head_dim, cfg.sliding_window if s.is_sliding else None) for s in cfg.layers
-        ],
+        layers=LayerShape.of(cfg),
         canvas_length=cfg.canvas_length,
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,

@@ -1,0 +1,358 @@
+"""`dgrt plan`: will a model fit on a target, and how fast can it go, without running it.
+
+From a config alone (a checkpoint, an export, or the shipped 26B-A4B config): the bytes of `weights.bin`
+as `dgrt export` would write it (exactly: the same tensors, formats, order and alignment), the KV cache the
+runtime allocates, an estimate of each graph's largest activations, and per target (dgrt/data/targets.json)
+the memory that adds up to and the floor of a denoise step: the larger of the bytes it must read over the
+memory bandwidth and its FLOPs over the tensor cores' dense peak. Floors, not predictions: real steps are
+slower by whatever the kernels lose.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dgrt.config import ModelConfig, read_generation_config, read_json
+from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES
+from dgrt.contract.manifest import Manifest
+from dgrt.errors import DgrtError, check_ints
+from dgrt.exporter.quantize import Recipe
+from dgrt.exporter.tracing import meta_model, weight_order
+from dgrt.exporter.weights import file_size
+from dgrt.runtime.kv_cache import LayerShape, cache_bytes
+from dgrt.tensorrt.targets import TARGETS
+
+SHIPPED = ("gemma4-26b-a4b",)  # configs in dgrt/data/<name>/ (config.json, generation_config.json)
+GB = 1e9  # vendors' unit
+RESERVED_GB = {"datacenter": 2.0, "jetson": 8.0}  # CUDA context and workspace; on Jetson also the OS
+# Live fp32 tensors of the canvas x vocabulary size in the denoise graph's sampler at its peak: the logits,
+# their log-softmax, the probabilities and their cumulative sum (an estimate of what a runtime keeps).
+VOCAB_TEMPORARIES = 4
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    title: str
+    memory_gb: float
+    bandwidth_gbs: float
+    tflops: dict[str, float]
+    sources: list[str]
+    jetson: bool
+
+    def peak_tflops(self, precision: str) -> float:
+        """Dense tensor-core peak for what the graphs compute in. fp32 runs as TF32 (half the bf16 peak);
+        INT4 weights are dequantized into fp16/bf16 GEMMs; int4-experts runs its other GEMMs in FP8."""
+        bf16 = self.tflops["bf16"]
+        if precision in ("fp8", "int4-experts") and "fp8" in self.tflops:
+            return self.tflops["fp8"]
+        return bf16 / 2 if precision == "fp32" else bf16
+
+
+def hardware() -> dict[str, Hardware]:
+    """The figures of every target dgrt builds for (dgrt.tensorrt.targets), from dgrt/data/targets.json."""
+    data = json.loads(resources.files("dgrt").joinpath("data/targets.json").read_text())
+    return {
+        name: Hardware(name, d["title"], d["memory_gb"], d["bandwidth_gbs"], d["tflops"], d["sources"], target.jetson)
+        for name, target in TARGETS.items()
+        for d in [data[name]]
+    }
+
+
+def resolve(source: str) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, Recipe | None] | None]:
+    """(config, generation config, what it is, an export's dtype and recipe) for a shipped config's name, an
+    export directory or a checkpoint folder."""
+    if source in SHIPPED:
+        folder = Path(str(resources.files("dgrt").joinpath(f"data/{source}")))
+        what = f"{source} (the shipped config.json of the real model)"
+    else:
+        folder = Path(source)
+        what = str(folder)
+    if (folder / "manifest.json").is_file():
+        m = Manifest.from_json(read_json(folder / "manifest.json"), str(folder / "manifest.json"))  # the files unread
+        q = m.quantization
+        recipe = Recipe(q["recipe"], q["block_size"] or 64) if q else None
+        return m.config, read_generation_config(folder, m.config.vocab_size), what, (m.dtype, recipe)
+    if not (folder / "config.json").is_file():
+        raise DgrtError(
+            f"{source}: neither an export, a checkpoint folder nor a shipped config; expected a folder with "
+            f"manifest.json or config.json, or one of: {', '.join(SHIPPED)}."
+        )
+    cfg = ModelConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+    return cfg, read_generation_config(folder, cfg.vocab_size), what, None
+
+
+def weight_tensors(cfg: ModelConfig, dtype: str, recipe: Recipe | None) -> list[tuple[str, int]]:
+    """(initializer name, bytes) of every tensor `dgrt export` writes to weights.bin, in the order it writes
+    them: parameters in the export dtype or in the recipe's formats (FP8: a byte a weight and a scale per
+    output row; INT4: half a byte and a scale per block), buffers (RoPE frequencies) in fp32."""
+    model, buffers = meta_model(cfg, TORCH_DTYPES[DTYPES[dtype]])
+    itemsize = TORCH_DTYPES[DTYPES[dtype]].itemsize
+    sizes: dict[str, int] = {}
+    rank: dict[str, tuple[str, bool]] = {}  # name -> (the parameter it stores, is it a scale)
+    unread = model.unread_parameters()
+    for name, param in model.named_parameters():
+        if name in unread:
+            continue
+        key, n = f"model.{name}", param.numel()
+        fmt = recipe.weight_format(name) if recipe is not None and param.ndim >= 2 else None
+        if fmt is None:
+            sizes[key], rank[key] = n * itemsize, (key, False)
+            continue
+        assert recipe is not None
+        recipe.check_blocks(name, list(param.shape))
+        data, scales = (n, n // param.shape[-1]) if fmt == "fp8" else ((n + 1) // 2, n // recipe.block_size)
+        sizes[key + "_quantized"], rank[key + "_quantized"] = data, (key, False)
+        sizes[key + "_scale"], rank[key + "_scale"] = scales * itemsize, (key, True)
+    for name, buffer in buffers.items():
+        sizes[f"model.{name}"], rank[f"model.{name}"] = buffer.numel() * buffer.element_size(), (f"model.{name}", False)
+    order = weight_order(model)
+    return sorted(sizes.items(), key=lambda item: (order[rank[item[0]][0]], rank[item[0]][1]))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes and FLOPs of one configuration (model, precision, batch, context)."""
+
+    weights: int  # weights.bin
+    expert_weights: int  # of which the routed experts
+    kv_per_token: int  # every layer's K and V of one token, one row
+    kv: int  # what the runtime allocates for `batch` rows of `context` tokens
+    denoise_activations: int
+    prefill_activations: int
+    denoise_bytes_read: int  # per step: every weight (each expert is computed today) and the cache
+    denoise_flops: float
+    routed_bytes_read: int  # the same with only the top-k experts read (routed MoE)
+    routed_flops: float
+
+
+def sizes(cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, context: int, prompt: int) -> Sizes:
+    tensors = weight_tensors(cfg, dtype, recipe)
+    weights = file_size(n for _, n in tensors)
+    experts = sum(n for name, n in tensors if ".experts." in name)
+    act = 4 if dtype == "fp32" else 2  # bytes of an activation (the cache has the export dtype too)
+    layers = LayerShape.of(cfg)
+    kv_token = cache_bytes(layers, 1, 1, 1, act)
+    # Generator._cache_for: capacity = the call's length, appends of up to max(length, canvas) tokens.
+    kv = cache_bytes(layers, batch, context, max(context, cfg.canvas_length), act)
+    c, v, h, e = cfg.canvas_length, cfg.vocab_size, cfg.hidden_size, cfg.num_experts
+    i, heads = cfg.moe_intermediate_size, cfg.num_attention_heads
+    past = context - c  # the denoise step of the last canvas attends to everything before it
+
+    def attention(queries: int, keys: int) -> int:  # scores and their softmax, fp32
+        return 2 * batch * heads * queries * keys * 4
+
+    def experts_dense(tokens: int) -> int:  # every expert's gate/up, activation and down outputs
+        return batch * tokens * e * (3 * i + h) * act
+
+    denoise = max(VOCAB_TEMPORARIES * batch * c * v * 4, attention(c, past + c), experts_dense(c))
+    prefill = max(attention(prompt, prompt), experts_dense(prompt))
+    held = [past if s.window is None else min(past, s.window - 1) for s in layers]  # what a step reads
+    cache_read = sum(2 * batch * s.num_kv_heads * n * s.head_dim * act for s, n in zip(layers, held, strict=True))
+    counts = {name: p.numel() for name, p in meta_model(cfg, torch.float32)[0].named_parameters()}
+    params, expert_params = sum(counts.values()), sum(n for name, n in counts.items() if ".experts." in name)
+    tokens = batch * c
+    attention_flops = sum(4 * tokens * heads * (n + c) * s.head_dim for s, n in zip(layers, held, strict=True))
+    # every parameter is a multiply-add per token (the embedding's as the LM head)
+    dense_flops = 2.0 * tokens * params + attention_flops
+    k = cfg.top_k_experts
+    routed_flops = dense_flops - 2.0 * tokens * expert_params * (1 - k / e)
+    # A step's tokens pick k experts each: with uniform routing 1 - (1 - k/E)^tokens of the experts are hit
+    # (a 256-token canvas of the 26B model hits all 128 of them: routing saves FLOPs, not bandwidth).
+    routed_experts = round(experts * (1 - (1 - k / e) ** tokens))
+    return Sizes(
+        weights=weights,
+        expert_weights=experts,
+        kv_per_token=kv_token,
+        kv=kv,
+        denoise_activations=denoise,
+        prefill_activations=prefill,
+        denoise_bytes_read=weights + cache_read,
+        denoise_flops=dense_flops,
+        routed_bytes_read=weights - experts + routed_experts + cache_read,
+        routed_flops=routed_flops,
+    )
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One target: memory needed against what it has, and the speed floors."""
+
+    target: str
+    runs: bool  # TensorRT runs this precision on it (dgrt.tensorrt.targets)
+    usable_bytes: int  # memory less RESERVED_GB
+    one_copy_bytes: int  # weights once, the KV cache and the largest activations
+    tensorrt_bytes: int  # as `dgrt build` builds today: two engines, each with its own copy of the weights
+    step_floor_s: float
+    step_bound: str  # "bandwidth" or "compute"
+    routed_step_floor_s: float
+    tokens_per_s: float  # per target at `steps` per canvas, plus the canvas's prefill
+    routed_tokens_per_s: float
+
+    @property
+    def fits(self) -> bool:
+        return self.tensorrt_bytes <= self.usable_bytes
+
+    @property
+    def fits_one_copy(self) -> bool:
+        return self.one_copy_bytes <= self.usable_bytes
+
+
+def fit(hw: Hardware, s: Sizes, precision: str, batch: int, canvas: int, steps: float) -> Fit:
+    reserved = RESERVED_GB["jetson" if hw.jetson else "datacenter"] * GB
+    one = s.weights + s.kv + max(s.denoise_activations, s.prefill_activations)
+    bandwidth, peak = hw.bandwidth_gbs * GB, hw.peak_tflops(precision) * 1e12
+    step = max(s.denoise_bytes_read / bandwidth, s.denoise_flops / peak)
+    routed = max(s.routed_bytes_read / bandwidth, s.routed_flops / peak)
+    prefill = s.weights / bandwidth  # the finished canvas is prefilled: every weight read once more
+    return Fit(
+        target=hw.name,
+        runs=TARGETS[hw.name].supports(precision),
+        usable_bytes=int(hw.memory_gb * GB - reserved),
+        one_copy_bytes=one,
+        tensorrt_bytes=one + s.weights,
+        step_floor_s=step,
+        step_bound="bandwidth" if s.denoise_bytes_read / bandwidth >= s.denoise_flops / peak else "compute",
+        routed_step_floor_s=routed,
+        tokens_per_s=batch * canvas / (steps * step + prefill),
+        routed_tokens_per_s=batch * canvas / (steps * routed + prefill),
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str
+    precision: str  # dtype, or the quantization recipe
+    dtype: str
+    batch: int
+    context: int
+    prompt: int
+    steps: float
+    sizes: Sizes
+    fits: list[Fit]
+    changes: dict[str, str]  # target -> the first thing to change, where it does not fit
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        s, cfg_line = self.sizes, f"{self.precision} weights"
+        lines = [
+            f"plan for {self.source}: {cfg_line}, batch {self.batch}, context {self.context} tokens, prompt "
+            f"{self.prompt}, {self.steps:g} denoise steps per canvas",
+            f"  weights.bin      {_gb(s.weights)}  (routed experts {_gb(s.expert_weights)}; what `dgrt export` writes)",
+            f"  KV cache         {_gb(s.kv)}  ({s.kv_per_token / 1024:.1f} KiB per token and row, as the runtime "
+            f"allocates it for {self.batch} x {self.context} tokens)",
+            f"  activations      {_gb(s.denoise_activations)} denoise, {_gb(s.prefill_activations)} prefill of the "
+            "prompt (largest live tensors, estimated)",
+            f"  per denoise step {_gb(s.denoise_bytes_read)} read, {s.denoise_flops / 1e12:.2f} TFLOP (every expert "
+            f"computed); routed top-k: {_gb(s.routed_bytes_read)}, {s.routed_flops / 1e12:.2f} TFLOP",
+            "",
+            f"{'target':<8}{'usable':>10}{'1 copy':>10}{'TensorRT':>10}  {'fits':<10}{'step floor':>12}{'routed':>10}"
+            f"{'tokens/s':>10}{'routed':>9}",
+        ]
+        for f in self.fits:
+            verdict = "yes" if f.fits else ("1 copy" if f.fits_one_copy else "no")
+            if not f.runs:
+                verdict = "no " + self.precision
+            lines.append(
+                f"{f.target:<8}{_gb(f.usable_bytes):>10}{_gb(f.one_copy_bytes):>10}{_gb(f.tensorrt_bytes):>10}  "
+                f"{verdict:<10}{f.step_floor_s * 1e3:>9.2f} ms{f.routed_step_floor_s * 1e3:>7.2f} ms"
+                f"{f.tokens_per_s:>10.0f}{f.routed_tokens_per_s:>9.0f}"
+            )
+        lines.append(
+            "usable: memory less 2 GB (Jetson: 8 GB) reserved; '1 copy': fits only with one weight copy on the "
+            "device; floors: max(bytes read / bandwidth, FLOPs / dense peak)."
+        )
+        lines += [f"{target}: {change}" for target, change in self.changes.items()]
+        return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def make_plan(
+    source: str,
+    dtype: str | None = None,
+    recipe: Recipe | None = None,
+    target: str | None = None,
+    batch: int = 1,
+    context: int | None = None,
+    prompt: int = 1024,
+    steps: float | None = None,
+) -> Plan:
+    """The plan for `source` (see resolve) on one target, or all of them. An export's own dtype and recipe
+    are the defaults; context defaults to the prompt plus generation_config's max_new_tokens in whole
+    canvases, as generate allocates it; steps per canvas to its max_denoising_steps."""
+    from dgrt.sampler import SamplerConfig
+
+    cfg, gen, what, exported = resolve(source)
+    if exported is not None:  # the export's own precision unless another is asked for
+        dtype = dtype or exported[0]
+        recipe = recipe or exported[1]
+    dtype = dtype or "fp32"
+    if dtype not in DTYPES:
+        raise DgrtError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
+    targets = hardware()
+    if target is not None and target not in targets:
+        raise DgrtError(f"unknown target {target!r}; expected one of {', '.join(targets)}.")
+    check_ints("--batch", batch, 1, 4096)
+    check_ints("--prompt", prompt, 1, cfg.max_position_embeddings)
+    c = cfg.canvas_length
+    if context is None:
+        max_new = int(gen.get("max_new_tokens") or 256)
+        context = min(prompt + -(-max_new // c) * c, cfg.max_position_embeddings)
+    check_ints("--context", context, max(prompt, c) + 1, cfg.max_position_embeddings)
+    steps = float(steps if steps is not None else SamplerConfig.from_generation_config(gen).steps)
+    if not 1 <= steps <= 10_000:
+        raise DgrtError(f"--steps is {steps:g}, expected a number from 1 to 10000 (denoise steps per canvas).")
+    precision = recipe.name if recipe is not None else dtype
+    s = sizes(cfg, dtype, recipe, batch, context, prompt)
+    chosen = [targets[target]] if target else list(targets.values())
+    fits = [fit(hw, s, precision, batch, c, steps) for hw in chosen]
+    changes = {
+        f.target: _first_change(f, targets[f.target], cfg, dtype, recipe, batch, context, prompt)
+        for f in fits
+        if not f.fits or not f.runs
+    }
+    return Plan(what, precision, dtype, batch, context, prompt, steps, s, fits, changes)
+
+
+def _first_change(
+    f: Fit, hw: Hardware, cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, context: int, prompt: int
+) -> str:
+    precision = recipe.name if recipe is not None else dtype
+    if not f.runs:
+        return f"TensorRT does not run {precision} there; export with --quant int4 (or --dtype fp16/bf16)."
+    if f.fits_one_copy:
+        return "fits with one copy of the weights on the device; `dgrt build` makes two engines that each hold one."
+    usable = f.usable_bytes
+
+    def one_copy(d: str, r: Recipe | None, ctx: int) -> int:
+        s = sizes(cfg, d, r, batch, ctx, min(prompt, ctx - 1))
+        return s.weights + s.kv + max(s.denoise_activations, s.prefill_activations)
+
+    half = "bf16" if dtype == "fp32" else dtype
+    options: list[tuple[str, Recipe | None]] = [(half, None)] if dtype == "fp32" and recipe is None else []
+    options += [(half, Recipe(r, recipe.block_size if recipe else 64)) for r in ("fp8", "int4-experts", "int4")]
+    s_now = sizes(cfg, dtype, recipe, batch, context, prompt)
+    if s_now.weights <= usable:  # the weights fit: shrink the context first
+        low, high = cfg.canvas_length + 1, context
+        while low < high:  # the longest context that fits
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if one_copy(dtype, recipe, mid) <= usable else (low, mid - 1)
+        if one_copy(dtype, recipe, low) <= usable:
+            return f"lower --context to {low} tokens (one weight copy), or --batch."
+    for d, r in options:
+        name = r.name if r else d
+        if TARGETS[hw.name].supports(name) and one_copy(d, r, context) <= usable:
+            flag = f"--quant {name}" if r else f"--dtype {d}"
+            return f"export with {flag} ({_gb(one_copy(d, r, context))} with one weight copy)."
+    return "does not fit at any precision dgrt exports; choose a target with more memory."
