@@ -46,13 +46,14 @@ class Hardware:
     sources: list[str]
     jetson: bool
 
-    def peak_tflops(self, precision: str) -> float:
-        """Dense tensor-core peak for what the graphs compute in. fp32 runs as TF32 (half the bf16 peak);
-        INT4 weights are dequantized into fp16/bf16 GEMMs; int4-experts runs its other GEMMs in FP8."""
-        bf16 = self.tflops["bf16"]
-        if precision in ("fp8", "int4-experts") and "fp8" in self.tflops:
-            return self.tflops["fp8"]
-        return bf16 / 2 if precision == "fp32" else bf16
+    def compute_seconds(self, precision: str, flops: float, expert_flops: float) -> float:
+        """Time of `flops` (of which `expert_flops` in the routed experts) at the dense tensor-core peaks:
+        fp32 runs as TF32 (half the bf16 peak); FP8 GEMMs at the FP8 peak where there is one; INT4 weights
+        are dequantized into 16-bit GEMMs (int4-experts: its experts; its other GEMMs are FP8)."""
+        bf16, fp8 = self.tflops["bf16"] * 1e12, self.tflops.get("fp8", self.tflops["bf16"]) * 1e12
+        peaks = {"fp32": (bf16 / 2, bf16 / 2), "fp8": (fp8, fp8), "int4-experts": (fp8, bf16)}
+        other, experts = peaks.get(precision, (bf16, bf16))
+        return (flops - expert_flops) / other + expert_flops / experts
 
 
 def hardware() -> dict[str, Hardware]:
@@ -128,8 +129,10 @@ class Sizes:
     prefill_activations: int
     denoise_bytes_read: int  # per step: every weight (each expert is computed today) and the cache
     denoise_flops: float
+    expert_flops: float  # of which in the routed experts
     routed_bytes_read: int  # the same with only the top-k experts read (routed MoE)
     routed_flops: float
+    routed_expert_flops: float
 
 
 def sizes(cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, context: int, prompt: int) -> Sizes:
@@ -175,8 +178,10 @@ def sizes(cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, conte
         prefill_activations=prefill,
         denoise_bytes_read=weights + cache_read,
         denoise_flops=dense_flops,
+        expert_flops=2.0 * tokens * expert_params,
         routed_bytes_read=weights - experts + routed_experts + cache_read,
         routed_flops=routed_flops,
+        routed_expert_flops=2.0 * tokens * expert_params * k / e,
     )
 
 
@@ -207,9 +212,10 @@ class Fit:
 def fit(hw: Hardware, s: Sizes, precision: str, batch: int, canvas: int, steps: float) -> Fit:
     reserved = RESERVED_GB["jetson" if hw.jetson else "datacenter"] * GB
     one = s.weights + s.kv + max(s.denoise_activations, s.prefill_activations)
-    bandwidth, peak = hw.bandwidth_gbs * GB, hw.peak_tflops(precision) * 1e12
-    step = max(s.denoise_bytes_read / bandwidth, s.denoise_flops / peak)
-    routed = max(s.routed_bytes_read / bandwidth, s.routed_flops / peak)
+    bandwidth = hw.bandwidth_gbs * GB
+    compute = hw.compute_seconds(precision, s.denoise_flops, s.expert_flops)
+    step = max(s.denoise_bytes_read / bandwidth, compute)
+    routed = max(s.routed_bytes_read / bandwidth, hw.compute_seconds(precision, s.routed_flops, s.routed_expert_flops))
     prefill = s.weights / bandwidth  # the finished canvas is prefilled: every weight read once more
     return Fit(
         target=hw.name,
@@ -218,7 +224,7 @@ def fit(hw: Hardware, s: Sizes, precision: str, batch: int, canvas: int, steps: 
         one_copy_bytes=one,
         tensorrt_bytes=one + s.weights,
         step_floor_s=step,
-        step_bound="bandwidth" if s.denoise_bytes_read / bandwidth >= s.denoise_flops / peak else "compute",
+        step_bound="bandwidth" if s.denoise_bytes_read / bandwidth >= compute else "compute",
         routed_step_floor_s=routed,
         tokens_per_s=batch * canvas / (steps * step + prefill),
         routed_tokens_per_s=batch * canvas / (steps * routed + prefill),
@@ -254,21 +260,22 @@ class Plan:
             f"  per denoise step {_gb(s.denoise_bytes_read)} read, {s.denoise_flops / 1e12:.2f} TFLOP (every expert "
             f"computed); routed top-k: {_gb(s.routed_bytes_read)}, {s.routed_flops / 1e12:.2f} TFLOP",
             "",
-            f"{'target':<8}{'usable':>10}{'1 copy':>10}{'TensorRT':>10}  {'fits':<10}{'step floor':>12}{'routed':>10}"
+            f"{'target':<8}{'usable':>10}{'1 copy':>10}{'TensorRT':>10}  {'fits':<12}{'step floor':>12}{'routed':>10}"
             f"{'tokens/s':>10}{'routed':>9}",
         ]
         for f in self.fits:
             verdict = "yes" if f.fits else ("1 copy" if f.fits_one_copy else "no")
             if not f.runs:
-                verdict = "no " + self.precision
+                verdict = "unsupported"
             lines.append(
                 f"{f.target:<8}{_gb(f.usable_bytes):>10}{_gb(f.one_copy_bytes):>10}{_gb(f.tensorrt_bytes):>10}  "
-                f"{verdict:<10}{f.step_floor_s * 1e3:>9.2f} ms{f.routed_step_floor_s * 1e3:>7.2f} ms"
+                f"{verdict:<12}{f.step_floor_s * 1e3:>9.2f} ms{f.routed_step_floor_s * 1e3:>7.2f} ms"
                 f"{f.tokens_per_s:>10.0f}{f.routed_tokens_per_s:>9.0f}"
             )
         lines.append(
             "usable: memory less 2 GB (Jetson: 8 GB) reserved; '1 copy': fits only with one weight copy on the "
-            "device; floors: max(bytes read / bandwidth, FLOPs / dense peak)."
+            "device; 'unsupported': TensorRT does not run this precision there; floors: max(bytes read / "
+            "bandwidth, FLOPs / dense peak); tokens/s: a canvas each `steps` denoise steps plus its prefill."
         )
         lines += [f"{target}: {change}" for target, change in self.changes.items()]
         return "\n".join(lines)
