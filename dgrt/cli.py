@@ -16,8 +16,14 @@ from dgrt.errors import DgrtError, DgrtWarning
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
-    from dgrt.presets import write_tiny
+    from dgrt.presets import REAL_MODELS, write_slice, write_tiny
 
+    if args.preset in REAL_MODELS:
+        out = write_slice(args.out_dir, args.preset, layers=args.layers or 2, seed=args.seed, force=args.force)
+        print(f"wrote the first {args.layers or 2} layers of {args.preset} (random, bf16, sharded) to {out}")
+        return
+    if args.layers is not None:
+        raise DgrtError(f"--layers cuts a real model ({', '.join(REAL_MODELS)}), not the {args.preset} preset.")
     out = write_tiny(args.out_dir, preset=args.preset, seed=args.seed, force=args.force)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
 
@@ -315,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dgrt.contract.io_spec import DTYPES
     from dgrt.exporter.onnx_export import DEFAULT_OPSET
     from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
-    from dgrt.presets import PRESETS
+    from dgrt.presets import PRESETS, REAL_MODELS
     from dgrt.runtime.load import BACKENDS
 
     p = sub.add_parser(
@@ -409,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=[*sorted(PRESETS), *REAL_MODELS], default="tiny")
+    p.add_argument("--layers", type=int, help="with a real model: its first N layers at its real widths (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_tiny)

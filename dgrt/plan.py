@@ -25,10 +25,10 @@ from dgrt.errors import DgrtError, check_ints
 from dgrt.exporter.quantize import Recipe
 from dgrt.exporter.tracing import meta_model, weight_order
 from dgrt.exporter.weights import file_size
+from dgrt.presets import REAL_MODELS
 from dgrt.runtime.kv_cache import LayerShape, cache_bytes
 from dgrt.tensorrt.targets import TARGETS
 
-SHIPPED = ("gemma4-26b-a4b",)  # configs in dgrt/data/<name>/ (config.json, generation_config.json)
 GB = 1e9  # vendors' unit
 RESERVED_GB = {"datacenter": 2.0, "jetson": 8.0}  # CUDA context and workspace; on Jetson also the OS
 # Live fp32 tensors of the canvas x vocabulary size in the denoise graph's sampler at its peak: the logits,
@@ -69,7 +69,7 @@ def hardware() -> dict[str, Hardware]:
 def resolve(source: str) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, Recipe | None] | None]:
     """(config, generation config, what it is, an export's dtype and recipe) for a shipped config's name, an
     export directory or a checkpoint folder."""
-    if source in SHIPPED:
+    if source in REAL_MODELS:
         folder = Path(str(resources.files("dgrt").joinpath(f"data/{source}")))
         what = f"{source} (the shipped config.json of the real model)"
     else:
@@ -83,7 +83,7 @@ def resolve(source: str) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, R
     if not (folder / "config.json").is_file():
         raise DgrtError(
             f"{source}: neither an export, a checkpoint folder nor a shipped config; expected a folder with "
-            f"manifest.json or config.json, or one of: {', '.join(SHIPPED)}."
+            f"manifest.json or config.json, or one of: {', '.join(REAL_MODELS)}."
         )
     cfg = ModelConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
     return cfg, read_generation_config(folder, cfg.vocab_size), what, None

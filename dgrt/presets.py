@@ -11,8 +11,11 @@ generations are not chaotic.
 
 from __future__ import annotations
 
+import itertools
 import json
 import unicodedata
+from collections.abc import Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,12 @@ from safetensors.torch import save_file
 
 from dgrt.checkpoint import expected_tensors
 from dgrt.config import FULL, SLIDING, ModelConfig
-from dgrt.errors import MAX_SEED, check_ints
+from dgrt.errors import MAX_SEED, DgrtError, check_ints
 from dgrt.fsutil import atomic_dir, check_output
 
 S, F = SLIDING, FULL
+# Real models whose config.json and generation_config.json ship in dgrt/data/<name>/ (see slice_config).
+REAL_MODELS = ("gemma4-26b-a4b",)
 
 # The text_config values and canvas length of each preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -189,12 +194,16 @@ def preset_config(preset: str) -> dict[str, Any]:
 
 def random_weights(cfg: ModelConfig, seed: int, gain: float = 0.5) -> dict[str, torch.Tensor]:
     """Checkpoint key -> random tensor for every text tensor, deterministic in `seed`."""
+    return dict(random_tensors(cfg, seed, gain))
+
+
+def random_tensors(cfg: ModelConfig, seed: int, gain: float = 0.5) -> Iterator[tuple[str, torch.Tensor]]:
+    """random_weights one tensor at a time (a checkpoint larger than memory is written as it is drawn)."""
     g = torch.Generator().manual_seed(seed)
 
     def uniform(shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(shape, generator=g)
 
-    out = {}
     for key, (name, shape) in sorted(expected_tensors(cfg).items()):
         if name.endswith("encoder_layer_scalar"):
             t = uniform(shape, 0.9, 0.95)
@@ -206,8 +215,7 @@ def random_weights(cfg: ModelConfig, seed: int, gain: float = 0.5) -> dict[str, 
             t = 1.0 + 0.2 * torch.randn(shape, generator=g)
         else:  # matrices, expert stacks and the embedding: fan-in is the last dimension
             t = gain * torch.randn(shape, generator=g) / shape[-1] ** 0.5
-        out[key] = t.contiguous()
-    return out
+        yield key, t.contiguous()
 
 
 def vision_weights(hidden_size: int) -> dict[str, torch.Tensor]:
@@ -220,15 +228,17 @@ def vision_weights(hidden_size: int) -> dict[str, torch.Tensor]:
 
 
 def _extra_chars(n: int) -> list[str]:
-    """The first n letters, digits, punctuation and symbols after ASCII (no marks, spaces or controls)."""
+    """The first n letters, digits, punctuation and symbols after ASCII (no marks, spaces or controls) of
+    the Basic Multilingual Plane, then `<unused_I>` tokens (a 262144-token vocabulary has more ids than
+    Unicode has such characters)."""
     out: list[str] = []
     code = 0xA1
-    while len(out) < n:
+    while len(out) < n and code < 0xFFFF:
         ch = chr(code)
         if unicodedata.category(ch)[0] in "LNPS":
             out.append(ch)
         code += 1
-    return out
+    return out + [f"<unused_{i}>" for i in range(n - len(out))]
 
 
 def tokenizer_json(vocab_size: int) -> str:
@@ -259,6 +269,54 @@ def tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def real_config(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, generation_config.json) of a real model whose config dgrt ships (REAL_MODELS)."""
+    if name not in REAL_MODELS:
+        raise DgrtError(f"unknown model {name!r}; expected one of {', '.join(REAL_MODELS)}.")
+    folder = resources.files("dgrt").joinpath(f"data/{name}")
+    return json.loads(folder.joinpath("config.json").read_text()), json.loads(
+        folder.joinpath("generation_config.json").read_text()
+    )
+
+
+def slice_config(name: str, layers: int, **text: Any) -> dict[str, Any]:
+    """A real model's config.json cut to its first `layers` layers (the last made a full-attention layer,
+    as a DiffusionGemma stack must end), with the smallest vision tower and `text` values replaced (a
+    narrower vocabulary or fewer experts for tests, where the layout is the point, not the size)."""
+    cfg, _ = real_config(name)
+    real = cfg["text_config"]
+    check_ints("--layers", layers, 1, real["num_hidden_layers"])
+    types = real["layer_types"][: layers - 1] + [FULL]
+    cfg["text_config"] = real | {"num_hidden_layers": layers, "layer_types": types} | text
+    cfg["vision_config"] = dict(VISION_CONFIG)  # the real one is a 27-layer tower dgrt never runs
+    vocab = cfg["text_config"]["vocab_size"]
+    if vocab != real["vocab_size"]:  # the image token ids must stay inside a narrowed vocabulary
+        cfg.update(image_token_id=vocab - 1, boi_token_id=vocab - 2, eoi_token_id=vocab - 3)
+    return cfg
+
+
+def write_slice(
+    out_dir: str | Path,
+    name: str = "gemma4-26b-a4b",
+    layers: int = 2,
+    seed: int = 0,
+    force: bool = False,
+    shard_bytes: int = 2 * 2**30,
+    **text: Any,
+) -> Path:
+    """A random checkpoint of a real model's first layers at its real widths, written the way the real
+    checkpoint is: bfloat16 tensors in shards of at most `shard_bytes` with model.safetensors.index.json,
+    drawn and written one tensor at a time."""
+    check_ints("seed", seed, 0, MAX_SEED)
+    check_output(out_dir, force)
+    config = slice_config(name, layers, **text)
+    weights = random_tensors(ModelConfig.from_dict(config), seed)
+    metadata = {"dgrt_random": f"{name} {layers} layers seed={seed} gain=0.5"}
+    return save_checkpoint(
+        out_dir, config, weights, metadata=metadata, force=force, shard_bytes=shard_bytes, dtype=torch.bfloat16
+    )
+
+
 def write_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
     """Write a complete random checkpoint folder of a preset; returns its path."""
     return write_checkpoint(out_dir, preset_config(preset), seed=seed, force=force, tag=preset)
@@ -284,18 +342,25 @@ def write_checkpoint(
 def save_checkpoint(
     out_dir: str | Path,
     config: dict[str, Any],
-    text_weights: dict[str, torch.Tensor],
+    text_weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     *,
     generation: dict[str, Any] | None = None,
     metadata: dict[str, str] | None = None,
     extra_files: dict[str, str] | None = None,
     force: bool = False,
+    shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a complete checkpoint folder: config, generation config (the defaults updated by
-    `generation`), tokenizer, safetensors of `text_weights` (checkpoint key -> tensor) plus the vision
-    stub, and `extra_files` (name -> text)."""
+    `generation`), tokenizer, safetensors of `text_weights` (checkpoint key -> tensor, a dict or pairs
+    drawn one at a time) plus the vision stub, cast to `dtype` if given, and `extra_files` (name -> text).
+    With `shard_bytes`, the tensors go to shards of at most that size (one larger tensor gets a shard of its
+    own) and an index."""
     cfg = ModelConfig.from_dict(config)
-    weights = dict(text_weights) | vision_weights(cfg.hidden_size)
+    pairs = text_weights.items() if isinstance(text_weights, dict) else text_weights
+    weights: Iterable[tuple[str, torch.Tensor]] = itertools.chain(pairs, vision_weights(cfg.hidden_size).items())
+    if dtype is not None:
+        weights = ((key, tensor.to(dtype)) for key, tensor in weights)
     generation = dict(
         GENERATION_DEFAULTS,
         max_new_tokens=3 * cfg.canvas_length,
@@ -310,5 +375,34 @@ def save_checkpoint(
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"} | (metadata or {}))
+        meta = {"format": "pt"} | (metadata or {})
+        if shard_bytes is None:
+            save_file(dict(weights), str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            _save_shards(tmp, weights, shard_bytes, meta)
     return Path(out_dir)
+
+
+def _save_shards(
+    folder: Path, weights: Iterable[tuple[str, torch.Tensor]], shard_bytes: int, meta: dict[str, str]
+) -> None:
+    """model-0000I-of-0000N.safetensors and model.safetensors.index.json, holding one shard in memory."""
+    shards: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for key, tensor in itertools.chain(weights, [("", None)]):  # a last item to write the last shard
+        if shard and (tensor is None or size + tensor.nbytes > shard_bytes):
+            save_file(shard, str(folder / f"shard-{len(shards)}.tmp"), metadata=meta)
+            shards.append(list(shard))
+            shard, size = {}, 0
+        if tensor is not None:
+            shard[key] = tensor
+            size += tensor.nbytes
+            total += tensor.nbytes
+    weight_map: dict[str, str] = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f"shard-{i}.tmp").rename(folder / name)
+        weight_map |= dict.fromkeys(keys, name)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
