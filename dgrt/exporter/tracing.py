@@ -91,7 +91,7 @@ def traced_graphs(
 def _trace_both(
     model: DiffusionGemma, dtype: str, opset: int, max_context: int, progress: Progress
 ) -> dict[str, ir.Model]:
-    if len(os.sched_getaffinity(0)) < 2:
+    if _cpus() < 2:
         progress.update("tracing prefill graph (1/2)")
         prefill = trace_graph(model, "prefill", dtype, opset, max_context)
         progress.update("tracing denoise graph (2/2)")
@@ -127,6 +127,11 @@ def _trace_both(
         denoise = ir.from_proto(onnx.load(out, load_external_data=False))
     assert isinstance(denoise, ir.Model)
     return {"prefill": prefill, "denoise": denoise}
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (all of them where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def trace_graph(model: DiffusionGemma, name: str, dtype: str, opset: int, max_context: int) -> ir.Model:
