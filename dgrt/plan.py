@@ -25,6 +25,7 @@ from dgrt.errors import DgrtError, check_ints
 from dgrt.exporter.quantize import Recipe
 from dgrt.exporter.tracing import meta_model, weight_order
 from dgrt.exporter.weights import file_size
+from dgrt.model import DiffusionGemma
 from dgrt.presets import REAL_MODELS
 from dgrt.runtime.kv_cache import LayerShape, cache_bytes
 from dgrt.tensorrt.targets import TARGETS
@@ -89,11 +90,35 @@ def resolve(source: str) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, R
     return cfg, read_generation_config(folder, cfg.vocab_size), what, None
 
 
-def weight_tensors(cfg: ModelConfig, dtype: str, recipe: Recipe | None) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class Weights:
+    """What depends on the model and its precision only (building the meta model takes seconds at 26B)."""
+
+    file_bytes: int  # weights.bin
+    expert_bytes: int  # of which the routed experts
+    params: int
+    expert_params: int
+
+
+def weights_of(cfg: ModelConfig, dtype: str, recipe: Recipe | None) -> Weights:
+    model, buffers = meta_model(cfg, TORCH_DTYPES[DTYPES[dtype]])
+    tensors = weight_tensors(model, buffers, dtype, recipe)
+    counts = {name: p.numel() for name, p in model.named_parameters()}
+    return Weights(
+        file_bytes=file_size(n for _, n in tensors),
+        expert_bytes=sum(n for name, n in tensors if ".experts." in name),
+        params=sum(counts.values()),
+        expert_params=sum(n for name, n in counts.items() if ".experts." in name),
+    )
+
+
+def weight_tensors(
+    model: DiffusionGemma, buffers: dict[str, torch.Tensor], dtype: str, recipe: Recipe | None
+) -> list[tuple[str, int]]:
     """(initializer name, bytes) of every tensor `dgrt export` writes to weights.bin, in the order it writes
     them: parameters in the export dtype or in the recipe's formats (FP8: a byte a weight and a scale per
-    output row; INT4: half a byte and a scale per block), buffers (RoPE frequencies) in fp32."""
-    model, buffers = meta_model(cfg, TORCH_DTYPES[DTYPES[dtype]])
+    output row; INT4: half a byte and a scale per block), buffers (RoPE frequencies) in fp32. `model` and
+    `buffers`: tracing.meta_model's, in that dtype."""
     itemsize = TORCH_DTYPES[DTYPES[dtype]].itemsize
     sizes: dict[str, int] = {}
     rank: dict[str, tuple[str, bool]] = {}  # name -> (the parameter it stores, is it a scale)
@@ -135,11 +160,9 @@ class Sizes:
     routed_expert_flops: float
 
 
-def sizes(cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, context: int, prompt: int) -> Sizes:
-    tensors = weight_tensors(cfg, dtype, recipe)
-    weights = file_size(n for _, n in tensors)
-    experts = sum(n for name, n in tensors if ".experts." in name)
-    act = 4 if dtype == "fp32" else 2  # bytes of an activation (the cache has the export dtype too)
+def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, prompt: int) -> Sizes:
+    weights, experts = w.file_bytes, w.expert_bytes
+    act = TORCH_DTYPES[DTYPES[dtype]].itemsize  # bytes of an activation (the cache has the export dtype too)
     layers = LayerShape.of(cfg)
     kv_token = cache_bytes(layers, 1, 1, 1, act)
     # Generator._cache_for: capacity = the call's length, appends of up to max(length, canvas) tokens.
@@ -158,8 +181,7 @@ def sizes(cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, conte
     prefill = max(attention(prompt, prompt), experts_dense(prompt))
     held = [past if s.window is None else min(past, s.window - 1) for s in layers]  # what a step reads
     cache_read = sum(2 * batch * s.num_kv_heads * n * s.head_dim * act for s, n in zip(layers, held, strict=True))
-    counts = {name: p.numel() for name, p in meta_model(cfg, torch.float32)[0].named_parameters()}
-    params, expert_params = sum(counts.values()), sum(n for name, n in counts.items() if ".experts." in name)
+    params, expert_params = w.params, w.expert_params
     tokens = batch * c
     attention_flops = sum(4 * tokens * heads * (n + c) * s.head_dim for s, n in zip(layers, held, strict=True))
     # every parameter is a multiply-add per token (the embedding's as the LM head)
@@ -321,11 +343,12 @@ def make_plan(
     if not 1 <= steps <= 10_000:
         raise DgrtError(f"--steps is {steps:g}, expected a number from 1 to 10000 (denoise steps per canvas).")
     precision = recipe.name if recipe is not None else dtype
-    s = sizes(cfg, dtype, recipe, batch, context, prompt)
+    w = weights_of(cfg, dtype, recipe)
+    s = sizes(cfg, w, dtype, batch, context, prompt)
     chosen = [targets[target]] if target else list(targets.values())
     fits = [fit(hw, s, precision, batch, c, steps) for hw in chosen]
     changes = {
-        f.target: _first_change(f, targets[f.target], cfg, dtype, recipe, batch, context, prompt)
+        f.target: _first_change(f, targets[f.target], cfg, w, dtype, recipe, batch, context, prompt)
         for f in fits
         if not f.fits or not f.runs
     }
@@ -333,7 +356,15 @@ def make_plan(
 
 
 def _first_change(
-    f: Fit, hw: Hardware, cfg: ModelConfig, dtype: str, recipe: Recipe | None, batch: int, context: int, prompt: int
+    f: Fit,
+    hw: Hardware,
+    cfg: ModelConfig,
+    w: Weights,
+    dtype: str,
+    recipe: Recipe | None,
+    batch: int,
+    context: int,
+    prompt: int,
 ) -> str:
     precision = recipe.name if recipe is not None else dtype
     if not f.runs:
@@ -342,15 +373,18 @@ def _first_change(
         return "fits with one copy of the weights on the device; `dgrt build` makes two engines that each hold one."
     usable = f.usable_bytes
 
+    known = {(dtype, recipe): w}  # each precision's model facts computed once, whatever the contexts tried
+
     def one_copy(d: str, r: Recipe | None, ctx: int) -> int:
-        s = sizes(cfg, d, r, batch, ctx, min(prompt, ctx - 1))
+        if (d, r) not in known:
+            known[d, r] = weights_of(cfg, d, r)
+        s = sizes(cfg, known[d, r], d, batch, ctx, min(prompt, ctx - 1))
         return s.weights + s.kv + max(s.denoise_activations, s.prefill_activations)
 
     half = "bf16" if dtype == "fp32" else dtype
     options: list[tuple[str, Recipe | None]] = [(half, None)] if dtype == "fp32" and recipe is None else []
     options += [(half, Recipe(r, recipe.block_size if recipe else 64)) for r in ("fp8", "int4-experts", "int4")]
-    s_now = sizes(cfg, dtype, recipe, batch, context, prompt)
-    if s_now.weights <= usable:  # the weights fit: shrink the context first
+    if w.file_bytes <= usable:  # the weights fit: shrink the context first
         low, high = cfg.canvas_length + 1, context
         while low < high:  # the longest context that fits
             mid = (low + high + 1) // 2
