@@ -28,8 +28,8 @@ import torch
 
 from dgrt.errors import DgrtError, check_ints
 from dgrt.progress import Progress
-from dgrt.runtime.backends import DenoiseInputs
-from dgrt.runtime.generator import CanvasEvent, Generator
+from dgrt.runtime.backends import Backend, DenoiseInputs
+from dgrt.runtime.generator import CanvasEvent, Generator, prefill
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.task import TASK_EXAMPLES, Task, score
 
@@ -84,6 +84,12 @@ def peak_rss_bytes() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+def _prefill_prompt(backend: Backend, cache: KVCache, ids: torch.Tensor, pad: torch.Tensor, chunk: int) -> None:
+    """A prompt's prefill as generate runs it: into an empty cache, in chunks."""
+    cache.reset()
+    prefill(backend, cache, ids, torch.arange(ids.shape[1])[None], pad, chunk)
+
+
 def bench_generator(gen: Generator, prompt_lengths: list[int], past_lengths: list[int], step_counts: list[int],
                     runs: int, progress: Progress) -> SideResult:  # fmt: skip
     info, backend = gen.info, gen.backend
@@ -93,8 +99,9 @@ def bench_generator(gen: Generator, prompt_lengths: list[int], past_lengths: lis
     for p in prompt_lengths:
         progress.update(f"prefill of {p} tokens")
         ids = torch.randint(0, info.vocab_size, (1, p), generator=rng)
-        empty = KVCache(info.layers, 1, p, p, backend.dtype, device).past()  # as generate prefills a prompt
-        result.prefill_seconds[p] = Timing.of(partial(backend.prefill, ids, torch.arange(p)[None], pad, empty), runs)
+        cache = KVCache(info.layers, 1, p, backend.dtype, device)
+        prompt_prefill = partial(_prefill_prompt, backend, cache, ids, pad, info.prefill_chunk)
+        result.prefill_seconds[p] = Timing.of(prompt_prefill, runs)
     for past_len in past_lengths:
         progress.update(f"denoise step over {past_len} cached tokens")
         past = [

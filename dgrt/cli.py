@@ -55,6 +55,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         opset=args.opset,
         max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
+        head_chunk=args.head_chunk,
         debug_logits=args.debug_logits,
         quant=Recipe(args.quant, args.block_size) if args.quant else None,
         calibration=args.calibration,
@@ -72,7 +74,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     )
     print(
         f"  dtype {manifest.dtype}, opset {manifest.opset}, canvas {manifest.canvas_length}, "
-        f"max context {manifest.max_context}"
+        f"max context {manifest.max_context}, prefill chunks of {manifest.prefill_chunk}"
     )
     print(exported.lint.format())
     quantization = manifest.quantization
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     from dgrt.contract.io_spec import DTYPES
-    from dgrt.exporter.onnx_export import DEFAULT_OPSET
+    from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK
+    from dgrt.exporter.onnx_export import DEFAULT_HEAD_CHUNK, DEFAULT_OPSET
     from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
     from dgrt.presets import PRESETS, REAL_MODELS
     from dgrt.runtime.load import BACKENDS
@@ -427,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--max-context", type=int, help="longest context (cached + new tokens) to support")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="most tokens one prefill call takes; longer prompts are prefilled in chunks, so prefill memory and "
+        f"the TensorRT profile grow with the chunk, not the prompt (default {DEFAULT_PREFILL_CHUNK})",
+    )
+    p.add_argument(
+        "--head-chunk",
+        type=int,
+        help="canvas positions per chunk of the denoise step's vocabulary-sized work (LM head, sampler, next soft "
+        "embeddings): its memory is one chunk's, and each chunk reads the embedding again (default "
+        f"{DEFAULT_HEAD_CHUNK} for fp32, the ONNX Runtime CPU dtype; the whole canvas for fp16/bf16)",
+    )
     p.add_argument("--debug-logits", action="store_true", help="also output the denoise graph's raw logits")
     p.add_argument("--quant", choices=RECIPES, help="quantize: fp8 (W8A8), int4 (weight-only), int4-experts")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=64, help="INT4 block size (default 64)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import count, takewhile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -258,7 +259,7 @@ class TeacherForcing:
         (b, p), c = prompt.shape, info.canvas_length
         rng = torch.Generator().manual_seed(self.seed + index)
         pad = torch.zeros(b, dtype=torch.int64)
-        cache = KVCache(info.layers, b, p + self.canvases * c, max(p, c), subject.dtype, subject.device)
+        cache = KVCache(info.layers, b, p + self.canvases * c, subject.dtype, subject.device)
 
         def prefill(tokens: torch.Tensor, positions: torch.Tensor, canvas: int | None) -> Iterator[Step]:
             ref = reference.prefill(tokens, positions)
@@ -307,7 +308,11 @@ def export_logits(export_dir: Path, manifest: Manifest) -> LogitsFn:
     from dgrt.runtime.backends import session_options
 
     graph = onnx.load(str(export_dir / manifest.graphs["denoise"].file), load_external_data=False)
-    if not any("logits" in node.output for node in graph.graph.node):
+    produced = {name for node in graph.graph.node for name in node.output}
+    chunks = list(takewhile(produced.__contains__, (f"logits.{i}" for i in count())))  # see exporter.tracing
+    if "logits" not in produced and chunks:
+        graph.graph.node.append(onnx.helper.make_node("Concat", chunks, ["logits"], axis=1))
+    elif "logits" not in produced:
         raise DgrtError(f"{export_dir}: its denoise graph has no 'logits' value to compare; re-export it.")
     if "logits" not in [o.name for o in graph.graph.output]:
         graph.graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))

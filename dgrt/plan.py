@@ -20,8 +20,9 @@ import torch
 
 from dgrt.config import ModelConfig, read_generation_config, read_json
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES
-from dgrt.contract.manifest import Manifest
+from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest
 from dgrt.errors import DgrtError, check_ints
+from dgrt.exporter.onnx_export import default_head_chunk
 from dgrt.exporter.quantize import Recipe
 from dgrt.exporter.tracing import meta_model, weight_order
 from dgrt.exporter.weights import file_size
@@ -148,7 +149,8 @@ class Sizes:
 
     weights: int  # weights.bin
     expert_weights: int  # of which the routed experts
-    kv_per_token: int  # every layer's K and V of one token, one row
+    kv_per_token: int  # the full layers' K and V of one token, one row (they grow with the context)
+    kv_sliding: int  # the sliding layers' K and V, one row: their last window - 1 tokens, fixed
     kv: int  # what the runtime allocates for `batch` rows of `context` tokens
     denoise_activations: int
     prefill_activations: int
@@ -164,9 +166,8 @@ def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, pr
     weights, experts = w.file_bytes, w.expert_bytes
     act = TORCH_DTYPES[DTYPES[dtype]].itemsize  # bytes of an activation (the cache has the export dtype too)
     layers = LayerShape.of(cfg)
-    kv_token = cache_bytes(layers, 1, 1, 1, act)
-    # Generator._cache_for: capacity = the call's length, appends of up to max(length, canvas) tokens.
-    kv = cache_bytes(layers, batch, context, max(context, cfg.canvas_length), act)
+    full, sliding = [s for s in layers if s.window is None], [s for s in layers if s.window is not None]
+    kv = cache_bytes(layers, batch, context, act)  # Generator._cache_for: capacity = the call's length
     c, v, h, e = cfg.canvas_length, cfg.vocab_size, cfg.hidden_size, cfg.num_experts
     i, heads = cfg.moe_intermediate_size, cfg.num_attention_heads
     past = context - c  # the denoise step of the last canvas attends to everything before it
@@ -177,8 +178,10 @@ def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, pr
     def experts_dense(tokens: int) -> int:  # every expert's gate/up, activation and down outputs
         return batch * tokens * e * (3 * i + h) * act
 
-    denoise = max(VOCAB_TEMPORARIES * batch * c * v * 4, attention(c, past + c), experts_dense(c))
-    prefill = max(attention(prompt, prompt), experts_dense(prompt))
+    # The vocabulary-sized work runs in chunks of canvas positions, the prompt's prefill in chunks of tokens.
+    head, chunk = default_head_chunk(dtype, c), min(prompt, DEFAULT_PREFILL_CHUNK)
+    denoise = max(VOCAB_TEMPORARIES * batch * head * v * 4, attention(c, past + c), experts_dense(c))
+    prefill = max(attention(chunk, prompt), experts_dense(chunk))
     held = [past if s.window is None else min(past, s.window - 1) for s in layers]  # what a step reads
     cache_read = sum(2 * batch * s.num_kv_heads * n * s.head_dim * act for s, n in zip(layers, held, strict=True))
     params, expert_params = w.params, w.expert_params
@@ -194,7 +197,8 @@ def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, pr
     return Sizes(
         weights=weights,
         expert_weights=experts,
-        kv_per_token=kv_token,
+        kv_per_token=cache_bytes(full, 1, 1, act),
+        kv_sliding=cache_bytes(sliding, 1, cfg.max_position_embeddings, act),
         kv=kv,
         denoise_activations=denoise,
         prefill_activations=prefill,
@@ -275,8 +279,8 @@ class Plan:
             f"plan for {self.source}: {cfg_line}, batch {self.batch}, context {self.context} tokens, prompt "
             f"{self.prompt}, {self.steps:g} denoise steps per canvas",
             f"  weights.bin      {_gb(s.weights)}  (routed experts {_gb(s.expert_weights)}; what `dgrt export` writes)",
-            f"  KV cache         {_gb(s.kv)}  ({s.kv_per_token / 1024:.1f} KiB per token and row, as the runtime "
-            f"allocates it for {self.batch} x {self.context} tokens)",
+            f"  KV cache         {_gb(s.kv)}  (as the runtime allocates it for {self.batch} x {self.context} tokens: "
+            f"per row {s.kv_per_token / 1024:.1f} KiB per token in full layers, {_gb(s.kv_sliding)} in sliding ones)",
             f"  activations      {_gb(s.denoise_activations)} denoise, {_gb(s.prefill_activations)} prefill of the "
             "prompt (largest live tensors, estimated)",
             f"  per denoise step {_gb(s.denoise_bytes_read)} read, {s.denoise_flops / 1e12:.2f} TFLOP (every expert "

@@ -176,7 +176,7 @@ def validate(
         kv, logits = measured.kv, measured.logits
         model = load_model(ref_ckpt, dtype=manifest.torch_dtype)
         baseline = plan.errors(TorchBackend(model), torch_logits(model))
-        e2e = [_shared_noise(gen, hf, ids, sampler, canvases, seed + i) for i, ids in enumerate(prompt_ids)]
+        e2e = [shared_noise(gen, hf, ids, sampler, canvases, seed + i) for i, ids in enumerate(prompt_ids)]
 
     agreement = sum(a for a, _, _ in e2e) / len(e2e)
     ours_steps = float(np.mean([s for _, s, _ in e2e]))
@@ -289,7 +289,7 @@ def inverse_cdf_multinomial() -> Iterator[None]:
         torch.multinomial = original
 
 
-def _shared_noise(gen: Generator, hf: Any, ids: list[int], sampler: Any, canvases: int,
+def shared_noise(gen: Generator, hf: Any, ids: list[int], sampler: Any, canvases: int,
                   seed: int) -> tuple[float, float, float]:  # fmt: skip
     """(token agreement, dgrt steps per canvas, reference steps per canvas) for one prompt's token ids."""
     c = gen.info.canvas_length

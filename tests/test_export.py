@@ -15,12 +15,14 @@ from conftest import Cli
 from onnx_graphs import OrtGraphs
 
 from dgrt.checkpoint import Checkpoint, checkpoint_key, load_model
+from dgrt.compare import export_logits
 from dgrt.errors import DgrtError
 from dgrt.exporter import tracing
 from dgrt.exporter.lint import lint_export, lint_model
 from dgrt.exporter.onnx_export import ExportOptions, export
 from dgrt.exporter.quantize import Recipe
 from dgrt.model import Denoise
+from dgrt.runtime.backends import DenoiseInputs
 
 TOL = 1e-4
 
@@ -271,6 +273,8 @@ def test_fp16_export_runs_on_onnx_runtime_and_stays_finite(fp16_export: Path, tw
         ("copy", ["export", "{ckpt}", "-o", "{out}", "--dtype", "int8"], "invalid choice: 'int8'"),
         ("copy", ["export", "{ckpt}", "-o", "/proc/dgrt-no/out"], "cannot write here"),
         ("copy", ["export", "{ckpt}", "-o", "{out}", "--opset", "30"], "unsupported opset 30"),
+        ("copy", ["export", "{ckpt}", "-o", "{out}", "--head-chunk", "17"], "from 1 to the canvas length (16)"),
+        ("copy", ["export", "{ckpt}", "-o", "{out}", "--prefill-chunk", "0"], "from 1 to the max context"),
         ("existing", ["export", "{ckpt}", "-o", "{out}"], "already exists"),
     ],
 )
@@ -322,3 +326,35 @@ def test_bf16_export_from_the_command_line(
 def test_export_rejects_a_max_context_below_the_canvas(tmp_path: Path, tiny_ckpt: Path) -> None:
     with pytest.raises(DgrtError, match="--max-context 8 must be larger than the canvas"):
         export(tiny_ckpt, tmp_path / "out", ExportOptions(max_context=8))
+
+
+@torch.inference_mode()
+def test_the_vocabulary_sized_work_in_chunks_gives_the_same_step(tmp_path: Path, two_layer_ckpt: Path) -> None:
+    """--head-chunk 5 over a canvas of 16: the LM head, sampler and next soft embeddings run in four chunks
+    (a fourth of the memory at 16, an eighth at the real canvas with the fp32 default), with the step outputs
+    of the whole canvas at once; validate still finds the logits, the chunks' concatenated."""
+    manifest = export(two_layer_ckpt, tmp_path / "out", ExportOptions(head_chunk=5)).manifest
+    graph = onnx.load(str(tmp_path / "out" / "denoise.onnx"), load_external_data=False)
+    assert sum(node.op_type == "LogSoftmax" for node in graph.graph.node) == 4
+    assert "logits" not in [o.name for o in graph.graph.output]
+    model, graphs = load_model(two_layer_ckpt), OrtGraphs(tmp_path / "out")
+    cfg, gen = model.config, torch.Generator().manual_seed(0)
+    c, p = cfg.canvas_length, 11
+    past = model.prefill(
+        torch.randint(0, cfg.vocab_size, (2, p), generator=gen), torch.arange(p)[None], model.empty_past(2)
+    )
+    inputs = DenoiseInputs(
+        canvas_ids=torch.randint(0, cfg.vocab_size, (2, c), generator=gen),
+        soft_embeds=torch.randn(2, c, cfg.hidden_size, generator=gen),
+        position_ids=torch.arange(p, p + c)[None].expand(2, -1),
+        pad_lengths=torch.zeros(2, dtype=torch.int64),
+        temperature=torch.tensor([0.8, 0.5]),
+        uniform=torch.rand(2, c, generator=gen),
+    )
+    argmax, sample, entropy, next_soft, logits = Denoise(model, debug_logits=True)(
+        *inputs.by_name().values(), *[t for kv in past for t in kv]
+    )
+    out = graphs.denoise(**inputs.by_name(), past=past)
+    assert np.array_equal(out["argmax"], argmax.numpy()) and np.array_equal(out["sample"], sample.numpy())
+    assert max_err(out["entropy"], entropy) <= TOL and max_err(out["next_soft_embeds"], next_soft) <= TOL
+    assert max_err(export_logits(tmp_path / "out", manifest)(inputs, past).numpy(), logits) <= TOL

@@ -66,6 +66,11 @@ MANIFEST_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "unknown dtype": (lambda m: m.update(dtype="fp64"), "'dtype' is 'fp64', expected one of fp32, fp16, bf16"),
     "max_context a string": (lambda m: m.update(max_context="4096"), "'max_context' is '4096', expected an integer"),
     "max_context below the canvas": (lambda m: m.update(max_context=8), "expected more than the canvas (16)"),
+    "prefill_chunk beyond the context": (
+        lambda m: m.update(prefill_chunk=4097),
+        "'prefill_chunk' is 4097, expected at most max_context (4096)",
+    ),
+    "prefill_chunk zero": (lambda m: m.update(prefill_chunk=0), "'prefill_chunk' is 0, expected an integer >= 1"),
     "a graph without sha256": (
         drop("graphs", "prefill", "sha256"),
         "graphs.prefill: 'sha256' is missing",

@@ -50,8 +50,10 @@ def test_the_real_model_on_every_target(cli: Cli, tmp_path: Path) -> None:
     assert all(f"\n{name} " in r.stdout for name in TARGETS)
     # 25.2B text parameters in bf16 (the vision tower is not exported), the embedding stored once
     assert 25.0e9 < plan["sizes"]["weights"] / 2 < 25.5e9
-    # KV: 25 sliding layers of 8 x 256 and 5 full ones of 2 x 512, K and V, bf16, per token
-    assert plan["sizes"]["kv_per_token"] == (25 * 8 * 256 + 5 * 2 * 512) * 2 * 2
+    # KV, K and V in bf16: 5 full layers of 2 x 512 per token; 25 sliding ones of 8 x 256 hold 1023 tokens
+    assert plan["sizes"]["kv_per_token"] == 5 * 2 * 512 * 2 * 2
+    assert plan["sizes"]["kv_sliding"] == 25 * 8 * 256 * 1023 * 2 * 2
+    assert plan["sizes"]["kv"] == plan["sizes"]["kv_sliding"] + 8192 * plan["sizes"]["kv_per_token"]
     fits = {f["target"]: f for f in plan["fits"]}
     assert fits["h200"]["one_copy_bytes"] < fits["h200"]["usable_bytes"] < fits["l40s"]["one_copy_bytes"] * 3
     assert "--quant fp8" in plan["changes"]["l40s"]  # 50 GB of bf16 weights do not fit in 46 usable GB

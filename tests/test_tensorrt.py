@@ -93,6 +93,14 @@ def test_profiles_come_from_the_manifest_dims(exports: dict[str, Path]) -> None:
     assert max_shapes(manifest, "denoise", options)["next_soft_embeds"] == (4, 16, 64)
 
 
+def test_the_prefill_profile_and_buffers_take_one_chunk_not_the_context(exports: dict[str, Path]) -> None:
+    manifest = replace(manifest_of(exports["tiny"]), prefill_chunk=64)
+    options = BuildOptions(max_context=4096).checked(manifest.max_context, 16)
+    assert dim_ranges(manifest, "prefill", options)["seq"] == (1, 16, 64)
+    assert dim_ranges(manifest, "prefill", options)["past_full"][2] == 4095  # the cache still reaches the context
+    assert max_shapes(manifest, "prefill", options)["new_key_values.1.key"] == (1, 1, 64, 32)
+
+
 def test_build_options_are_checked() -> None:
     with pytest.raises(DgrtError, match="--max-batch is 0"):
         BuildOptions(max_batch=0).checked(4096, 16)

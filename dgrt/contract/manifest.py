@@ -31,6 +31,9 @@ FORMAT = "dgrt-export"
 FORMAT_VERSION = 1
 GRAPHS = ("prefill", "denoise")
 TARGETS = ("onnxruntime", "tensorrt")
+# Prompts are prefilled in chunks of at most this many tokens: prefill memory (and the TensorRT profile's
+# seq range) grows with the chunk, not the prompt. Exports before the field was written get this value.
+DEFAULT_PREFILL_CHUNK = 1024
 RECIPES = ("fp8", "int4", "int4-experts")  # quantization recipes; dgrt.exporter.quantize implements them
 # Beside weights.bin once its sha256 matched: (size, mtime, inode) that were hashed, so loads stay fast.
 VERIFIED_FILE = ".weights-verified.json"
@@ -65,6 +68,7 @@ class Manifest:
     targets: tuple[str, ...] = TARGETS
     quantization: dict[str, Any] | None = None
     session_config: dict[str, str] = field(default_factory=dict)  # ONNX Runtime entries to set
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most tokens one prefill call takes (at most max_context)
     dgrt_version: str = __version__
     created: str = ""
 
@@ -93,6 +97,7 @@ class Manifest:
             "opset": self.opset,
             "targets": list(self.targets),
             "max_context": self.max_context,
+            "prefill_chunk": self.prefill_chunk,
             **_model_fields(cfg),
             "graphs": {
                 name: {
@@ -201,6 +206,9 @@ def _parse(data: Any, where: str) -> Manifest:
             f"{where}: 'max_context' is {max_context}, expected more than the canvas ({cfg.canvas_length}) and at "
             f"most max_position_embeddings ({cfg.max_position_embeddings})."
         )
+    prefill_chunk = _count(data, "prefill_chunk", where, minimum=1) if "prefill_chunk" in data else None
+    if prefill_chunk is not None and prefill_chunk > max_context:
+        raise DgrtError(f"{where}: 'prefill_chunk' is {prefill_chunk}, expected at most max_context ({max_context}).")
     for key, derived in _model_fields(cfg).items():
         if key not in data:
             raise DgrtError(f"{where}: '{key}' is missing, expected {_show(derived)} (from its config).")
@@ -253,6 +261,7 @@ def _parse(data: Any, where: str) -> Manifest:
         targets=tuple(targets),
         quantization=quantization,
         session_config=dict(session_config),
+        prefill_chunk=min(DEFAULT_PREFILL_CHUNK, max_context) if prefill_chunk is None else prefill_chunk,
         dgrt_version=str(data.get("dgrt_version", "")),
         created=str(data.get("created", "")),
     )

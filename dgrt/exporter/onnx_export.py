@@ -19,7 +19,7 @@ import torch
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.contract import manifest as manifest_mod
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, denoise_spec, prefill_spec
-from dgrt.contract.manifest import Manifest, WeightsEntry, mark_verified
+from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest, WeightsEntry, mark_verified
 from dgrt.errors import DgrtError
 from dgrt.exporter.lint import LintReport, lint_export
 from dgrt.exporter.manifest import build as build_manifest
@@ -30,7 +30,7 @@ from dgrt.exporter.quantize import (
     quantize_weight,
     quantize_weights,
 )
-from dgrt.exporter.tracing import is_weight, meta_model, traced_graphs, weight_order
+from dgrt.exporter.tracing import TraceSettings, drop_logits, is_weight, meta_model, traced_graphs, weight_order
 from dgrt.exporter.weights import WeightFile
 from dgrt.fsutil import atomic_dir, check_output
 from dgrt.progress import Progress
@@ -40,6 +40,10 @@ WEIGHTS_FILE = "weights.bin"
 DEFAULT_OPSET = 21
 # torch 2.13's exporter emits opsets 18..23; 21 is the first with blocked INT4 DequantizeLinear.
 SUPPORTED_OPSETS = range(18, 24)
+# Canvas positions per chunk of the denoise graph's vocabulary-sized work, for fp32 exports (ONNX Runtime
+# on a CPU, where memory is scarcer than bandwidth). Other dtypes are for GPUs and take the whole canvas
+# at once: every chunk reads the embedding (1.5 GB in bf16 at the real vocabulary) twice more.
+DEFAULT_HEAD_CHUNK = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
@@ -49,12 +53,19 @@ class ExportOptions:
     dtype: str = "fp32"  # a key of DTYPES
     opset: int = DEFAULT_OPSET
     max_context: int | None = None  # default: the model's max_position_embeddings
+    prefill_chunk: int | None = None  # most tokens per prefill call; default DEFAULT_PREFILL_CHUNK (or max_context)
+    head_chunk: int | None = None  # canvas positions per chunk of the vocabulary-sized work; see default_head_chunk
     debug_logits: bool = False
     quant: Recipe | None = None  # None: no quantization
     # FP8 calibration prompts: 'auto', 'builtin', 'task' or a file (see dgrt.exporter.calibrate.read_prompts)
     calibration: str = "auto"
     calibration_samples: int = 32
     measure_accuracy: bool = True  # quantized exports: measure against fp32 into the manifest
+
+
+def default_head_chunk(dtype: str, canvas: int) -> int:
+    """DEFAULT_HEAD_CHUNK positions for fp32 exports, the whole canvas for the GPU dtypes."""
+    return min(DEFAULT_HEAD_CHUNK, canvas) if dtype == "fp32" else canvas
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,9 @@ def export(
             f"--max-context {max_context} must be larger than the canvas ({cfg.canvas_length}) and at most the "
             f"model's max_position_embeddings ({cfg.max_position_embeddings})."
         )
+    chunk = min(DEFAULT_PREFILL_CHUNK, max_context) if options.prefill_chunk is None else options.prefill_chunk
+    if not 1 <= chunk <= max_context:
+        raise DgrtError(f"--prefill-chunk {chunk} must be from 1 to the max context ({max_context}).")
     check_output(out_dir, force, inputs=[ckpt.path])  # fail now, not after tracing and calibration
     dtype = DTYPES[options.dtype]
 
@@ -98,9 +112,14 @@ def export(
             if param.ndim >= 2:  # GEMM weights (and the embedding, which no recipe quantizes)
                 options.quant.check_blocks(name, param.shape)
     specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
-    graphs = traced_graphs(model, dtype, options.opset, max_context, progress)
+    head_chunk = (
+        default_head_chunk(options.dtype, cfg.canvas_length) if options.head_chunk is None else options.head_chunk
+    )
+    if not 1 <= head_chunk <= cfg.canvas_length:
+        raise DgrtError(f"--head-chunk {head_chunk} must be from 1 to the canvas length ({cfg.canvas_length}).")
+    graphs = traced_graphs(model, TraceSettings(dtype, options.opset, max_context, head_chunk), progress)
     if not options.debug_logits:
-        graphs["denoise"].graph.outputs.pop()  # "logits", the last output
+        drop_logits(graphs["denoise"])
     quantized: dict[str, QuantizedWeight] = {}
     quantization = None
     if options.quant is not None:
@@ -137,6 +156,7 @@ def export(
             dtype=options.dtype,
             opset=options.opset,
             max_context=max_context,
+            prefill_chunk=chunk,
             weights=WeightsEntry(WEIGHTS_FILE, weights.size, weights.count, weights_sha),
             side_files=copied,
             quantization=quantization,

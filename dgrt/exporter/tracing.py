@@ -22,11 +22,13 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
@@ -44,7 +46,7 @@ EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6}
 NO_DATA = "<weights not attached yet>"
 
 # Traced graphs by (config, dtype, opset, max context), least recently used first.
-_TRACED: dict[tuple[str, str, int, int], dict[str, ir.Model]] = {}
+_TRACED: dict[tuple[str, TraceSettings], dict[str, ir.Model]] = {}
 _TRACED_KEEP = 8
 
 
@@ -72,35 +74,39 @@ def weight_order(model: DiffusionGemma) -> dict[str, int]:
     return {f"model.{name}": i for i, name in enumerate(names)}
 
 
-def traced_graphs(
-    model: DiffusionGemma, dtype: str, opset: int, max_context: int, progress: Progress
-) -> dict[str, ir.Model]:
-    """Both graphs (`dtype`: the contract's name, e.g. "float32"), without weights: copies the caller may
-    change. The denoise graph is always traced with its logits output, which the caller drops unless asked
-    for: the value keeps the name "logits" inside the graph, where `dgrt validate` can expose it again."""
-    key = (repr(model.config), dtype, opset, max_context)  # every field but `raw`, which tracing does not read
+@dataclass(frozen=True)
+class TraceSettings:
+    """What a traced graph depends on besides the model config."""
+
+    dtype: str  # the contract's name, e.g. "float32"
+    opset: int
+    max_context: int
+    head_chunk: int  # canvas positions per chunk of the denoise graph's vocabulary-sized work
+
+
+def traced_graphs(model: DiffusionGemma, settings: TraceSettings, progress: Progress) -> dict[str, ir.Model]:
+    """Both graphs, without weights: copies the caller may change. The denoise graph is always traced with
+    its logits output, which the caller drops unless asked for (see `drop_logits`)."""
+    key = (repr(model.config), settings)  # every config field but `raw`, which tracing does not read
     graphs = _TRACED.pop(key, None)
     if graphs is None:
-        graphs = _trace_both(model, dtype, opset, max_context, progress)
+        graphs = _trace_both(model, settings, progress)
         while len(_TRACED) >= _TRACED_KEEP:
             del _TRACED[next(iter(_TRACED))]
     _TRACED[key] = graphs  # now the most recently used
     return {name: graph.clone() for name, graph in graphs.items()}
 
 
-def _trace_both(
-    model: DiffusionGemma, dtype: str, opset: int, max_context: int, progress: Progress
-) -> dict[str, ir.Model]:
+def _trace_both(model: DiffusionGemma, settings: TraceSettings, progress: Progress) -> dict[str, ir.Model]:
     if _cpus() < 2:
         progress.update("tracing prefill graph (1/2)")
-        prefill = trace_graph(model, "prefill", dtype, opset, max_context)
+        prefill = trace_graph(model, "prefill", settings)
         progress.update("tracing denoise graph (2/2)")
-        return {"prefill": prefill, "denoise": trace_graph(model, "denoise", dtype, opset, max_context)}
+        return {"prefill": prefill, "denoise": trace_graph(model, "denoise", settings)}
     progress.update("tracing prefill and denoise graphs (two processes)")
     with tempfile.TemporaryDirectory(prefix="dgrt-trace-") as tmp:
         out, log = Path(tmp) / "denoise.onnx", Path(tmp) / "stderr.txt"
-        request = {"config": model.config.raw, "config_repr": repr(model.config), "dtype": dtype, "opset": opset,
-                   "max_context": max_context}  # fmt: skip
+        request = {"config": model.config.raw, "config_repr": repr(model.config), "settings": asdict(settings)}
         # The worker imports this dgrt, wherever it lies (an installed one may be another version).
         package_root = str(Path(dgrt.__file__).resolve().parents[1])
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
@@ -115,7 +121,7 @@ def _trace_both(
                 assert worker.stdin is not None
                 worker.stdin.write(json.dumps(request).encode())
                 worker.stdin.close()
-                prefill = trace_graph(model, "prefill", dtype, opset, max_context)
+                prefill = trace_graph(model, "prefill", settings)
                 code = worker.wait()
             finally:
                 if worker.poll() is None:  # this process failed or was interrupted: do not leave it running
@@ -134,12 +140,34 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def trace_graph(model: DiffusionGemma, name: str, dtype: str, opset: int, max_context: int) -> ir.Model:
+def trace_graph(model: DiffusionGemma, name: str, settings: TraceSettings) -> ir.Model:
     """One graph, "prefill" or "denoise" (with its debug logits output), without tracing state."""
-    cfg = model.config
+    cfg, dtype = model.config, settings.dtype
     module, spec = (Prefill(model), prefill_spec(cfg, dtype)) if name == "prefill" else (
-        Denoise(model, True), denoise_spec(cfg, dtype, True))  # fmt: skip
-    return _without_tracing_state(_trace(module, spec, opset, max_context))
+        Denoise(model, True, settings.head_chunk), denoise_spec(cfg, dtype, True))  # fmt: skip
+    graph = _without_tracing_state(_trace(module, spec, settings.opset, settings.max_context))
+    if name == "denoise":
+        _name_logits_chunks(graph)
+    return graph
+
+
+def _name_logits_chunks(model: ir.Model) -> None:
+    """Name the logits of each head chunk logits.0, logits.1, ... where the canvas has several: the names
+    by which `dgrt validate` finds them again once the export dropped their concatenation."""
+    logits = model.graph.outputs[-1]
+    node = logits.producer()
+    assert logits.name == "logits" and node is not None
+    if node.op_type == "Concat":  # else the canvas is one chunk: "logits" is its own value
+        for i, value in enumerate(node.inputs):
+            assert value is not None
+            value.name = f"logits.{i}"
+
+
+def drop_logits(model: ir.Model) -> None:
+    """Remove the denoise graph's debug logits output and what computes only it (the concatenation of
+    its chunks); the chunks' own logits stay inside, named logits.<i> (or "logits" for one chunk)."""
+    model.graph.outputs.pop()
+    RemoveUnusedNodesPass()(model)
 
 
 def _without_tracing_state(model: ir.Model) -> ir.Model:
@@ -240,8 +268,9 @@ def _worker(out: Path) -> None:
     request = json.load(sys.stdin)
     cfg = ModelConfig.from_dict(request["config"])
     assert repr(cfg) == request["config_repr"], "the worker read another model from the config"
-    model, _ = meta_model(cfg, TORCH_DTYPES[request["dtype"]])
-    graph = trace_graph(model, "denoise", request["dtype"], request["opset"], request["max_context"])
+    settings = TraceSettings(**request["settings"])
+    model, _ = meta_model(cfg, TORCH_DTYPES[settings.dtype])
+    graph = trace_graph(model, "denoise", settings)
     for value in graph.graph.initializers.values():
         if is_weight(value):
             assert value.name is not None and value.shape is not None and value.dtype is not None

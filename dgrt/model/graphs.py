@@ -89,13 +89,28 @@ class DiffusionGemma(nn.Module):
         pad_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 softcapped logits [B, C, V] for the canvas, given the previous step's soft embeddings."""
+        return self.lm_head(self.denoise_hidden(canvas_ids, soft_embeds, position_ids, past, pad_lengths))
+
+    def denoise_hidden(
+        self,
+        canvas_ids: torch.Tensor,
+        soft_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[KV],
+        pad_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The canvas's final normed hidden states [B, C, H]: what the LM head reads."""
         x = self.self_conditioning(self._embed(canvas_ids), soft_embeds)
         rope = self._rope(position_ids, x.dtype)
         history = self._history(past)
         for layer, (past_k, past_v) in zip(self.blocks, past, strict=True):
             cos, sin = rope[layer.spec.layer_type]
             x, _, _ = layer(x, cos, sin, past_k, past_v, causal=False, pad_lengths=pad_lengths, history=history)
-        h = self.norm(x)  # the LM head is the tied embedding, applied as a 2-D linear (see layers.Linear)
+        return self.norm(x)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 softcapped logits [B, n, V] of hidden states [B, n, H]. The head is the tied embedding,
+        applied as a 2-D linear (see layers.Linear)."""
         logits = F.linear(h.reshape(-1, h.shape[-1]), self.embed_tokens.weight).reshape(*h.shape[:-1], -1).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -148,12 +163,17 @@ class Denoise(nn.Module):
     (canvas_ids [B, C], soft_embeds [B, C, H], position_ids [B, C], pad_lengths [B], temperature [B],
     uniform [B, C], past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C], entropy [B, C],
     next_soft_embeds [B, C, H] [, logits [B, C, V] with debug_logits]). See dgrt.sampler.
+
+    The vocabulary-sized work (LM head, sampler, next soft embeddings: about a dozen [B, n, V] fp32
+    temporaries) runs over the canvas in chunks of `head_chunk` positions, one after the other, so its
+    memory is that of one chunk; each chunk reads the embedding again (see dgrt.exporter's head_chunk).
     """
 
-    def __init__(self, model: DiffusionGemma, debug_logits: bool = False):
+    def __init__(self, model: DiffusionGemma, debug_logits: bool = False, head_chunk: int | None = None):
         super().__init__()
         self.model = model
         self.debug_logits = debug_logits
+        self.head_chunk = head_chunk or model.config.canvas_length
 
     def forward(
         self,
@@ -165,7 +185,12 @@ class Denoise(nn.Module):
         uniform: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        logits = self.model.denoise(canvas_ids, soft_embeds, position_ids, _pairs(past), pad_lengths)
-        processed, argmax, sample, entropy = step_outputs(logits, temperature, uniform)
-        outputs = (argmax, sample, entropy, self.model.soft_embeddings(processed))
-        return (*outputs, logits) if self.debug_logits else outputs
+        h = self.model.denoise_hidden(canvas_ids, soft_embeds, position_ids, _pairs(past), pad_lengths)
+        chunks = []
+        for start in range(0, h.shape[1], self.head_chunk):
+            part = slice(start, start + self.head_chunk)
+            logits = self.model.lm_head(h[:, part])
+            processed, argmax, sample, entropy = step_outputs(logits, temperature, uniform[:, part])
+            chunks.append((argmax, sample, entropy, self.model.soft_embeddings(processed), logits))
+        outputs = [torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*chunks, strict=True)]
+        return tuple(outputs if self.debug_logits else outputs[:4])

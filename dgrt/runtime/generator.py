@@ -57,6 +57,7 @@ class ModelInfo:
     max_context: int
     eos_token_id: tuple[int, ...]
     pad_token_id: int | None
+    prefill_chunk: int  # most tokens one prefill call takes
 
 
 @dataclass
@@ -292,7 +293,7 @@ class Generator:
         if max_context is not None and (not _is_int(max_context) or max_context < 1):
             raise DgrtError(f"max_context is {show(max_context)}, expected a positive integer or None (the model's).")
         capacity = min(max_context or self.info.max_context, self.info.max_context)
-        return Session(self, KVCache(self.info.layers, 1, capacity, capacity, self.backend.dtype, self.backend.device))
+        return Session(self, KVCache(self.info.layers, 1, capacity, self.backend.dtype, self.backend.device))
 
     # -- one call, serialised -----------------------------------------------------------------------
 
@@ -488,7 +489,7 @@ class Generator:
 
     def _prefill(self, call: _Call, ids: torch.Tensor, positions: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        call.cache.append(self.backend.prefill(ids, positions, call.pad, call.cache.past()))
+        prefill(self.backend, call.cache, ids, positions, call.pad, self.info.prefill_chunk)
         call.prefill_seconds.append(time.perf_counter() - t0)
 
     def _step(self, call: _Call, inputs: DenoiseInputs) -> StepOutputs:
@@ -504,8 +505,7 @@ class Generator:
         cache = self._cache
         if cache is None or cache.batch != batch or cache.capacity < length:
             self._cache = None  # free the old buffers first
-            max_new = max(length, self.info.canvas_length)
-            cache = KVCache(self.info.layers, batch, length, max_new, self.backend.dtype, self.backend.device)
+            cache = KVCache(self.info.layers, batch, length, self.backend.dtype, self.backend.device)
             self._cache = cache
         cache.reset()
         return cache
@@ -552,6 +552,18 @@ class Generator:
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
             texts.append(self.tokenizer.decode(row[:cut]))
         return texts
+
+
+def prefill(
+    backend: Backend, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, chunk: int
+) -> None:
+    """Prefill tokens [B, S] at positions [B, S] into the cache, at most `chunk` tokens per call: each
+    chunk attends to the cache so far (sliding layers to their last window - 1 tokens), so the K/V are
+    those of one call over all S tokens, and a call's memory grows with the chunk, not the prompt."""
+    for start in range(0, ids.shape[1], chunk):
+        part = slice(start, start + chunk)
+        new = backend.prefill(ids[:, part].contiguous(), positions[:, part].contiguous(), pad, cache.past())
+        cache.append(new)
 
 
 class Session:

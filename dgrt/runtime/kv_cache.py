@@ -27,15 +27,15 @@ class LayerShape:
     def of(cls, cfg: ModelConfig) -> list[LayerShape]:
         return [cls(s.num_kv_heads, s.head_dim, cfg.sliding_window if s.is_sliding else None) for s in cfg.layers]
 
-    def tokens_held(self, capacity: int, max_new: int) -> int:
-        """Tokens this layer's buffer holds in a cache of `capacity` tokens whose appends bring at most
-        `max_new` (a sliding layer needs its window - 1 plus one append, however long the context)."""
-        return capacity if self.window is None else min(capacity, self.window - 1 + max_new)
+    def tokens_held(self, capacity: int) -> int:
+        """Tokens this layer's buffer holds in a cache of `capacity` tokens: a sliding layer its last
+        window - 1 (appends shift them in place), however long the context."""
+        return capacity if self.window is None else min(capacity, self.window - 1)
 
 
-def cache_bytes(layers: list[LayerShape], batch: int, capacity: int, max_new: int, itemsize: int) -> int:
-    """The bytes a KVCache(layers, batch, capacity, max_new, ...) allocates, K and V."""
-    return sum(2 * batch * s.num_kv_heads * s.tokens_held(capacity, max_new) * s.head_dim * itemsize for s in layers)
+def cache_bytes(layers: list[LayerShape], batch: int, capacity: int, itemsize: int) -> int:
+    """The bytes a KVCache(layers, batch, capacity, ...) allocates, K and V."""
+    return sum(2 * batch * s.num_kv_heads * s.tokens_held(capacity) * s.head_dim * itemsize for s in layers)
 
 
 class KVCache:
@@ -44,18 +44,17 @@ class KVCache:
         layers: list[LayerShape],
         batch: int,
         capacity: int,
-        max_new: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        """capacity: most tokens a full layer will hold; max_new: most tokens one append brings; device:
-        where the backend reads the cache (a GPU backend binds it in place)."""
+        """capacity: most tokens a full layer will hold; device: where the backend reads the cache (a GPU
+        backend binds it in place)."""
         self.layers, self.batch, self.capacity = layers, batch, capacity
         self.length = 0  # tokens in the history (what a full layer holds)
         self._kept = [0] * len(layers)  # tokens each layer holds
         self._buffers = []
         for shape in layers:
-            numel = batch * shape.num_kv_heads * shape.tokens_held(capacity, max_new) * shape.head_dim
+            numel = batch * shape.num_kv_heads * shape.tokens_held(capacity) * shape.head_dim
             self._buffers.append(
                 (torch.zeros(numel, dtype=dtype, device=device), torch.zeros(numel, dtype=dtype, device=device))
             )

@@ -11,7 +11,7 @@ import torch
 
 from dgrt.config import ModelConfig, read_generation_config
 from dgrt.contract.io_spec import DTYPES, torch_dtype
-from dgrt.contract.manifest import Manifest
+from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest
 from dgrt.errors import DgrtError
 from dgrt.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from dgrt.runtime.generator import Generator, ModelInfo
@@ -63,7 +63,7 @@ def load(
         from dgrt.contract import manifest as manifest_mod
 
         manifest = manifest_mod.load(path, verify=verify)
-        cfg, max_context = manifest.config, manifest.max_context
+        cfg, max_context, chunk = manifest.config, manifest.max_context, manifest.prefill_chunk
         name = name or ("torch" if device or dtype else "onnxruntime")
         runner = custom or _export_backend(path, manifest, name, threads, prepack, providers, torch_options)
     elif (path / "config.json").exists():
@@ -73,13 +73,14 @@ def load(
             raise DgrtError(f"{path} is a checkpoint; the {name} backend runs exports (make one with dgrt export).")
         ckpt = Checkpoint.open(path)
         cfg, max_context = ckpt.config, ckpt.config.max_position_embeddings
+        chunk = min(DEFAULT_PREFILL_CHUNK, max_context)
         runner = custom or _torch_backend(load_model(ckpt), threads, torch_options)
     else:
         raise DgrtError(f"{path}: neither an export directory (manifest.json) nor a checkpoint folder (config.json).")
     return Generator(
         runner,
         _tokenizer(path),
-        _info(cfg, max_context),
+        _info(cfg, max_context, chunk),
         SamplerConfig.from_generation_config(generation := read_generation_config(path, cfg.vocab_size)),
         generation,
     )
@@ -89,7 +90,7 @@ def _tokenizer(path: Path) -> Tokenizer | None:
     return Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
 
 
-def _info(cfg: ModelConfig, max_context: int) -> ModelInfo:
+def _info(cfg: ModelConfig, max_context: int, prefill_chunk: int) -> ModelInfo:
     return ModelInfo(
         layers=LayerShape.of(cfg),
         canvas_length=cfg.canvas_length,
@@ -98,6 +99,7 @@ def _info(cfg: ModelConfig, max_context: int) -> ModelInfo:
         max_context=max_context,
         eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,
+        prefill_chunk=prefill_chunk,
     )
 
 

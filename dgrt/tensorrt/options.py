@@ -78,17 +78,19 @@ def builder_flags(major: int, options: BuildOptions) -> list[str]:
 def dim_ranges(manifest: Manifest, graph: str, options: BuildOptions) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each symbolic dimension of a graph, from the build options.
 
-    Prefill takes up to max_context new tokens (opt: one canvas, the length it runs most); a past may be
-    empty. The denoise graph's past leaves room for its canvas. Sliding layers' pasts never exceed
+    Prefill takes up to the export's prefill chunk of new tokens (the runtime prefills longer prompts in
+    chunks; opt: one canvas, the length it runs most); a past may be empty. The denoise graph's past
+    leaves room for its canvas. Sliding layers' pasts never exceed
     sliding_window - 1 tokens (the runtime keeps no more).
     """
     assert options.max_context is not None and options.opt_context is not None  # see BuildOptions.checked
     canvas, window = manifest.canvas_length, manifest.config.sliding_window
     past_max = options.max_context - (canvas if graph == "denoise" else 1)
     opt = min(options.opt_context, past_max)
+    chunk = min(manifest.prefill_chunk, options.max_context)
     return {
         "batch": (1, 1, options.max_batch),
-        "seq": (1, min(canvas, options.max_context), options.max_context),
+        "seq": (1, min(canvas, chunk), chunk),
         "past_full": (0, opt, past_max),
         "past_sliding": (0, min(opt, window - 1, past_max), min(window - 1, past_max)),
     }
