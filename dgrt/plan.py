@@ -34,7 +34,7 @@ from dgrt.tensorrt.targets import TARGETS
 GB = 1e9  # vendors' unit
 RESERVED_GB = {"datacenter": 2.0, "jetson": 8.0}  # CUDA context and workspace; on Jetson also the OS
 # Live fp32 tensors of the canvas x vocabulary size in the denoise graph's sampler at its peak: the logits,
-# their log-softmax, the probabilities and their cumulative sum (an estimate of what a runtime keeps).
+# their log-softmax and the probabilities (an estimate of what a runtime keeps).
 VOCAB_TEMPORARIES = 4
 
 

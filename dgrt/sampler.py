@@ -22,6 +22,7 @@ from numbers import Integral, Real
 from typing import Any, TypedDict, Unpack
 
 import torch
+import torch.nn.functional as F
 
 from dgrt.errors import DgrtError
 
@@ -138,16 +139,42 @@ def _number(name: str, value: Any, positive: bool = False, why: str = "") -> flo
 # -- per position, inside the denoise graph --------------------------------------------------------
 
 
+CDF_BLOCK = 512  # vocabulary entries per block of the two-level inverse CDF (sqrt of the real 262144)
+
+
 def sample_from_uniform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """The token i with cdf[i-1] <= u * total < cdf[i], for probabilities [..., V] and uniforms [...] in [0, 1).
 
-    Counting the cdf entries at or below the threshold is the inverse CDF with static shapes; it never
-    picks a zero-probability token. The last entry (the total) is left out of the count: it is above any
-    u < 1, and leaving it out bounds the result by V - 1 without a clamp (TensorRT has no integer Clip).
+    A two-level inverse CDF with static shapes: the vocabulary in blocks of CDF_BLOCK, the block holding
+    u * total found from the blocks' running sums, then the token within it from that block's running
+    sums. Running sums are matrix products with triangular ones (no CumSum, which TensorRT before 10.8
+    runs as a loop over the axis, and no [..., V] cumulative tensor): about 2 x 256 x 512 x 512
+    multiply-adds per canvas at the real vocabulary. Counting running sums at or below the threshold
+    never picks a zero-probability token; the last sum of each level is left out of its count, which
+    bounds the result without a clamp (TensorRT has no integer Clip) except where the vocabulary was
+    padded to whole blocks.
     """
-    cdf = torch.cumsum(probs, dim=-1)
-    at_or_below = cdf[..., :-1] <= (uniform * cdf[..., -1])[..., None]
-    return at_or_below.sum(dim=-1)
+    vocab = probs.shape[-1]
+    size = min(CDF_BLOCK, vocab)
+    count = -(-vocab // size)
+    padded = F.pad(probs, (0, count * size - vocab)) if count * size != vocab else probs
+    blocks = padded.reshape(*probs.shape[:-1], count, size)
+    ends = _running_sums(blocks.sum(dim=-1))  # [..., count]: the cdf at each block's end
+    threshold = uniform * ends[..., -1]
+    block = (ends[..., :-1] <= threshold[..., None]).sum(dim=-1)  # [...]
+    starts = torch.cat([torch.zeros_like(ends[..., :1]), ends[..., :-1]], dim=-1)
+    rest = threshold - starts.gather(-1, block[..., None]).squeeze(-1)
+    chosen = blocks.gather(-2, block[..., None, None].expand(*block.shape, 1, size)).squeeze(-2)  # [..., size]
+    within = (_running_sums(chosen)[..., :-1] <= rest[..., None]).sum(dim=-1)
+    token = block * size + within
+    return token if count * size == vocab else torch.minimum(token, torch.tensor(vocab - 1))
+
+
+def _running_sums(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive running sums over the last axis, as a product with upper-triangular ones."""
+    n = x.shape[-1]
+    index = torch.arange(n, device=x.device)
+    return x @ (index[:, None] <= index[None, :]).to(x.dtype)
 
 
 def step_outputs(

@@ -21,6 +21,7 @@ import torch
 
 import dgrt
 from dgrt.cli import main
+from dgrt.errors import DgrtError
 from dgrt.runtime.generator import Generator, Session
 from dgrt.sampler import SamplerConfig, SamplerSettings
 from dgrt.validate import inverse_cdf_multinomial
@@ -349,3 +350,16 @@ def test_checkpoints_run_on_torch_only(tiny_ckpt: Path) -> None:
         dgrt.load(tiny_ckpt, backend="onnxruntime")
     with pytest.raises(dgrt.errors.DgrtError, match="unknown backend 'tensorflow'"):
         dgrt.load(tiny_ckpt, backend="tensorflow")
+
+
+def test_a_batch_larger_than_the_backend_takes_runs_in_parts(exports: dict[str, Path]) -> None:
+    """A backend that takes 2 rows at a time (a TensorRT engine built with --max-batch 2): generate runs
+    3 prompts as a batch of 2 and one of 1, each as it would alone; a stream of 3 is refused."""
+    prompts = [[2, 17, 33], [2, 9, 8, 7], [2, 5]]
+    with dgrt.load(exports["tiny"]) as gen:
+        expected = gen.generate(prompts[:2], seed=4, **FAST).tokens + gen.generate(prompts[2:], seed=4, **FAST).tokens
+        gen.backend.max_batch = 2
+        result = gen.generate(prompts, seed=4, **FAST)
+        assert result.tokens == expected and len(result.texts) == len(result.steps_per_canvas) == 3
+        with pytest.raises(DgrtError, match="takes at most 2 rows at a time"):
+            gen.stream(prompts, seed=4)

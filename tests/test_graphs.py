@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dgrt.checkpoint import load_model
@@ -84,3 +85,15 @@ def test_left_padded_rows_match_the_same_prompts_alone(tiny_ckpt: Path) -> None:
         p = prompt.shape[1]
         expected = model.denoise(canvas[:1], soft[:1], torch.arange(p, p + c)[None], past)
         assert (logits[row] - expected[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("vocab", [301, 1000, 262144])  # one block, padded blocks, the real vocabulary
+def test_two_level_inverse_cdf_picks_what_a_running_sum_search_picks(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    probs = torch.softmax(torch.randn(64, vocab, generator=gen) * 8, dim=-1)  # many underflow to 0
+    uniform = torch.rand(64, generator=gen)
+    cdf = torch.cumsum(probs, dim=-1)
+    expected = (cdf[..., :-1] <= (uniform * cdf[..., -1])[..., None]).sum(dim=-1)
+    sample = sample_from_uniform(probs, uniform)
+    assert (sample == expected).float().mean() >= 0.97  # equal but where rounding puts u on a boundary
+    assert (sample < vocab).all() and (probs.gather(-1, sample[:, None]) > 0).all()

@@ -18,10 +18,12 @@ from dgrt.tensorrt.options import (
     BuildOptions,
     builder_flags,
     check_version,
+    cleared_flags,
     dim_ranges,
     engine_key,
     max_shapes,
     network_flags,
+    outside_profile,
     profiles,
 )
 from dgrt.tensorrt.targets import TARGETS, check_precision, resolve
@@ -110,6 +112,22 @@ def test_build_options_are_checked() -> None:
         BuildOptions(opt_context=5000).checked(4096, 16)
     with pytest.raises(DgrtError, match="cannot be combined"):
         BuildOptions(strip_weights=True, weight_streaming=True).checked(4096, 16)
+
+
+def test_shapes_outside_the_profile_are_named_before_tensorrt_sees_them(exports: dict[str, Path]) -> None:
+    manifest = manifest_of(exports["tiny"])
+    prefill = profiles(manifest, "prefill", BuildOptions(max_batch=2).checked(manifest.max_context, 16))
+    assert outside_profile("prefill", "input_ids", (2, 16), prefill["input_ids"]) is None
+    refused = outside_profile("prefill", "input_ids", (8, 16), prefill["input_ids"])
+    assert refused == (
+        "the prefill engine takes input_ids of shapes (1, 1) to (2, 1024) (its optimization profile), not (8, 16); "
+        "rebuild with dgrt build --max-batch / --max-context to cover it."
+    )
+
+
+def test_fp32_engines_are_fp32_unless_tf32_is_asked_for() -> None:
+    assert cleared_flags(BuildOptions()) == ["TF32"]  # TensorRT enables TF32 by default
+    assert cleared_flags(BuildOptions(tf32=True)) == []
 
 
 def test_flags_per_tensorrt_major() -> None:

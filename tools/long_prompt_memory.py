@@ -1,12 +1,13 @@
 """Memory and time of a long prompt's chunked prefill and the denoise steps after it, on ONNX Runtime.
 
-    python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 2] [--threads 2]
+    python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 2] [--threads 2] [--arena]
 
 Each prompt length runs in a fresh process: load the export, prefill a random prompt the way `generate`
 does (in chunks of the export's prefill_chunk, into a KV cache sized for the prompt and one canvas), then
 run denoise steps of a full canvas over it. Reported per phase, in MiB: the peak RSS, and "beyond the
 cache and weights": the peak less the weights' file-backed pages, the KV cache and the process before
-loading (what the calls themselves needed: activations and ONNX Runtime's buffers).
+loading (what the calls themselves needed: activations and ONNX Runtime's buffers). --arena turns ONNX
+Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ CHILD = r"""
 import json, re, sys, time, torch
 from pathlib import Path
 from dgrt.contract import manifest as mf
+from dgrt.runtime import backends
 from dgrt.runtime.backends import DenoiseInputs, OnnxRuntimeBackend
 from dgrt.runtime.generator import prefill
 from dgrt.runtime.kv_cache import KVCache
@@ -31,6 +33,13 @@ def status():
     return {k: int(re.search(k + r":\s+(\d+)", s).group(1)) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}
 
 path, prompt, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if sys.argv[5] == "arena":
+    plain = backends.session_options
+    def with_arena(*args, **kwargs):
+        options = plain(*args, **kwargs)
+        options.enable_cpu_mem_arena = True
+        return options
+    backends.session_options = with_arena
 import onnxruntime  # noqa: F401 (counted in the baseline)
 base = status()
 m = mf.load(path)
@@ -69,15 +78,26 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[2048, 32768])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arena", action="store_true", help="ONNX Runtime's CPU memory arena on")
     args = parser.parse_args()
-    print(f"{date.today()}, {args.export_dir}, {args.threads} threads, batch 1, {args.steps} denoise steps (MiB)")
+    arena = "arena on" if args.arena else "no arena"
+    print(f"{date.today()}, {args.export_dir}, {args.threads} threads, {arena}, batch 1, {args.steps} steps (MiB)")
     print(
         f"{'prompt':>7}{'chunk':>7}{'KV cache':>10}{'prefill s':>11}{'prefill peak':>14}{'beyond':>8}"
         f"{'step s':>8}{'denoise peak':>14}{'beyond':>8}"
     )
     for prompt in args.prompts:
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, args.export_dir, str(prompt), str(args.steps), str(args.threads)],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                args.export_dir,
+                str(prompt),
+                str(args.steps),
+                str(args.threads),
+                "arena" if args.arena else "none",
+            ],
             check=True,
             capture_output=True,
             text=True,

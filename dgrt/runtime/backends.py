@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 
@@ -57,6 +58,7 @@ def capture_key(batch: int, past: list[KV]) -> tuple[int, ...]:
 
 class Backend(Protocol):
     name: str
+    max_batch: int | None  # most rows one call takes (None: any); Generator.generate splits larger batches
     dtype: torch.dtype  # of the KV cache and soft embeddings
     device: torch.device  # where the KV cache and soft embeddings live
 
@@ -73,6 +75,7 @@ class TorchBackend:
     a step is then one graph launch instead of hundreds of kernel launches from Python."""
 
     name = "torch"
+    max_batch: int | None = None
 
     def __init__(self, model: Any, threads: int | None = None, cuda_graphs: bool = True):
         from dgrt.model import Denoise
@@ -131,7 +134,14 @@ class TorchBackend:
         self.close()
 
 
-ORT_TYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
+TORCH_TO_NUMPY = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def ort_device(providers: list[str] | None) -> torch.device:
+    """Where the KV cache, soft embeddings and outputs live for these providers: the GPU when CUDA's runs
+    first (its device_id option, default 0), else the host."""
+    first = (providers or ["CPUExecutionProvider"])[0]
+    return torch.device("cuda", 0) if first == "CUDAExecutionProvider" else torch.device("cpu")
 
 
 def session_options(manifest: Manifest, threads: int | None = None, prepack: bool = False) -> Any:
@@ -154,8 +164,12 @@ def session_options(manifest: Manifest, threads: int | None = None, prepack: boo
 
 
 class OnnxRuntimeBackend:
+    """The exported graphs on ONNX Runtime. With the CUDA provider first, the KV cache, the soft embeddings
+    and every output live on the GPU and are bound there by address: a step copies only the small
+    [batch, canvas] inputs and results between host and device, never the cache."""
+
     name = "onnxruntime"
-    device = torch.device("cpu")
+    max_batch: int | None = None
 
     def __init__(
         self,
@@ -173,6 +187,7 @@ class OnnxRuntimeBackend:
         if manifest.dtype == "bf16" and not providers:
             raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
         self.dtype = manifest.torch_dtype
+        self.device = ort_device(providers)
         self.sessions = {}
         self.specs = {name: graph.spec for name, graph in manifest.graphs.items()}
         for name, graph in manifest.graphs.items():
@@ -184,8 +199,16 @@ class OnnxRuntimeBackend:
             except Exception as e:  # ORT raises its own exception types for bad files
                 raise DgrtError(f"{export_dir / graph.file}: ONNX Runtime cannot load it ({e}).") from None
         self._bindings = {name: s.io_binding() for name, s in self.sessions.items()}
-        self._soft: list[np.ndarray] = []  # two buffers the self-conditioning embeddings ping-pong between
-        self._outputs: dict[str, np.ndarray] = {}
+        self._soft: list[torch.Tensor] = []  # two buffers the self-conditioning embeddings ping-pong between
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        """Bind a contiguous tensor by address, where it lives (host or GPU)."""
+        if not tensor.is_contiguous() or tensor.dtype not in TORCH_TO_NUMPY:
+            raise DgrtError(f"internal: ONNX Runtime tensor {name} is not a contiguous int64/fp32/fp16 tensor.")
+        device = tensor.device
+        where = (device.type, device.index or 0, TORCH_TO_NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        (binding.bind_output if output else binding.bind_input)(name, *where)
 
     def _bind_inputs(self, graph: str, named: dict[str, torch.Tensor], past: list[KV]) -> Any:
         binding = self._bindings[graph]
@@ -195,49 +218,48 @@ class OnnxRuntimeBackend:
                 tensor = k if spec.name.endswith(".key") else v
             else:
                 tensor = named[spec.name]
-            array = tensor.numpy()
-            if not array.flags.c_contiguous or array.dtype != ORT_TYPES[spec.dtype]:
-                raise DgrtError(f"internal: {graph} input {spec.name} is not a contiguous {spec.dtype} array.")
-            binding.bind_cpu_input(spec.name, array)
+            if tensor.dtype != TORCH_DTYPES[spec.dtype]:
+                raise DgrtError(f"internal: {graph} input {spec.name} is {tensor.dtype}, expected {spec.dtype}.")
+            self._bind(binding, spec.name, tensor)
         return binding
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
         binding = self._bind_inputs("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
-        for spec in self.specs["prefill"].outputs:
-            binding.bind_output(spec.name, "cpu")
+        b, s = ids.shape
+        new = [
+            torch.empty(b, k.shape[1], s, k.shape[3], dtype=self.dtype, device=self.device)  # the new tokens' K/V
+            for k, _ in past
+            for _ in range(2)
+        ]
+        for spec, tensor in zip(self.specs["prefill"].outputs, new, strict=True):
+            self._bind(binding, spec.name, tensor, output=True)
         self.sessions["prefill"].run_with_iobinding(binding)
-        arrays = [torch.from_numpy(a) for a in binding.copy_outputs_to_cpu()]  # the new tokens' K/V only
-        binding.clear_binding_outputs()
-        return [(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
+        return [(new[i], new[i + 1]) for i in range(0, len(new), 2)]
 
-    def _output_buffers(self, batch: int, canvas: int, hidden: int) -> dict[str, np.ndarray]:
+    def _output_buffers(self, batch: int, canvas: int, hidden: int) -> dict[str, torch.Tensor]:
         """Allocated once per batch shape; every step overwrites them (callers copy what they keep)."""
         if not self._outputs or self._outputs["argmax"].shape != (batch, canvas):
-            soft_type = np.float16 if self.dtype == torch.float16 else np.float32
+            d = self.device
             self._outputs = {
-                "argmax": np.empty((batch, canvas), np.int64),
-                "sample": np.empty((batch, canvas), np.int64),
-                "entropy": np.empty((batch, canvas), np.float32),
+                "argmax": torch.empty(batch, canvas, dtype=torch.int64, device=d),
+                "sample": torch.empty(batch, canvas, dtype=torch.int64, device=d),
+                "entropy": torch.empty(batch, canvas, dtype=torch.float32, device=d),
             }
-            self._soft = [np.empty((batch, canvas, hidden), soft_type) for _ in range(2)]
+            soft_type = torch.float16 if self.dtype == torch.float16 else torch.float32
+            self._soft = [torch.empty(batch, canvas, hidden, dtype=soft_type, device=d) for _ in range(2)]
         return self._outputs
 
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
         soft = inputs.soft_embeds
         outputs = self._output_buffers(*soft.shape)
         # Write the next soft embeddings into whichever ping-pong buffer is not this step's input.
-        next_soft = self._soft[1] if np.shares_memory(soft.numpy(), self._soft[0]) else self._soft[0]
-        named = inputs.by_name()
-        binding = self._bind_inputs("denoise", named, past)
-        for name, array in (*outputs.items(), ("next_soft_embeds", next_soft)):
-            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        next_soft = self._soft[1] if soft.data_ptr() == self._soft[0].data_ptr() else self._soft[0]
+        binding = self._bind_inputs("denoise", inputs.by_name(), past)
+        for name, tensor in (*outputs.items(), ("next_soft_embeds", next_soft)):
+            self._bind(binding, name, tensor, output=True)
         self.sessions["denoise"].run_with_iobinding(binding)
-        return StepOutputs(
-            torch.from_numpy(outputs["argmax"]),
-            torch.from_numpy(outputs["sample"]),
-            torch.from_numpy(outputs["entropy"]),
-            torch.from_numpy(next_soft),
-        )
+        host = {name: t.cpu() for name, t in outputs.items()}  # the sampler's [B, C] results (no copy on a CPU)
+        return StepOutputs(host["argmax"], host["sample"], host["entropy"], next_soft)
 
     def close(self) -> None:
         self.sessions.clear()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as PyGenerator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from numbers import Integral
 from types import EllipsisType
 from typing import Any, Unpack
@@ -89,6 +89,19 @@ class GenerationResult:
     prefill_seconds: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     seed: int | None = None
+
+    @classmethod
+    def concat(cls, parts: list[GenerationResult]) -> GenerationResult:
+        """The results of batches run in turn, as one: rows in order, timings one after the other."""
+        return cls(
+            tokens=[row for p in parts for row in p.tokens],
+            texts=[text for p in parts for text in p.texts],
+            steps_per_canvas=[row for p in parts for row in p.steps_per_canvas],
+            tokens_per_forward=[x for p in parts for x in p.tokens_per_forward],
+            prefill_seconds=[t for p in parts for t in p.prefill_seconds],
+            step_seconds=[t for p in parts for t in p.step_seconds],
+            seed=parts[0].seed,
+        )
 
     @property
     def mean_steps_per_canvas(self) -> float:
@@ -258,11 +271,22 @@ class Generator:
 
         Every option is range-checked; a misspelt name is refused with the list of accepted ones (and
         flagged by mypy, as is a value of the wrong type).
+
+        A batch larger than the backend takes (its `max_batch`, e.g. a TensorRT engine's profile) runs as
+        several batches in turn, each from `seed`; on_event then sees each one's events in turn.
         """
         request = self._request(
             prompts, None, GENERATE_OPTIONS, max_new_tokens, seed, chat, eos_token_id, pad_token_id, sampler, settings
         )
-        return self._generate(request, None, on_event)
+        limit = getattr(self.backend, "max_batch", None)
+        if limit is None or len(request.rows) <= limit:
+            return self._generate(request, None, on_event)
+        # A batch larger than the backend takes (a TensorRT profile's max batch) runs as several in turn.
+        parts = [
+            self._generate(replace(request, rows=request.rows[i : i + limit]), None, on_event)
+            for i in range(0, len(request.rows), limit)
+        ]
+        return GenerationResult.concat(parts)
 
     def stream(
         self,
@@ -286,6 +310,12 @@ class Generator:
         request = self._request(
             prompts, None, STREAM_OPTIONS, max_new_tokens, seed, chat, eos_token_id, pad_token_id, sampler, settings
         )
+        limit = getattr(self.backend, "max_batch", None)
+        if limit is not None and len(request.rows) > limit:
+            raise DgrtError(
+                f"the {self.backend.name} backend takes at most {limit} rows at a time and a stream reports one "
+                f"batch; stream at most {limit} prompts (generate splits larger batches itself)."
+            )
         return self._serialised(request, None)
 
     def session(self, max_context: int | None = None) -> Session:

@@ -106,11 +106,12 @@ def _info(cfg: ModelConfig, max_context: int, prefill_chunk: int) -> ModelInfo:
 def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> TorchBackend:
     if options["device"].startswith("cuda") and not torch.cuda.is_available():
         raise DgrtError(f"device {options['device']!r} asked for, but torch sees no CUDA GPU.")
-    model = model.to(device=options["device"])
-    if options["dtype"] is not None:  # parameters only: RoPE frequencies stay fp32, as in transformers
-        for param in model.parameters():
-            param.data = param.data.to(options["dtype"])
-    return TorchBackend(model, threads)
+    device, dtype = options["device"], options["dtype"]
+    # One parameter at a time, cast as it moves: the device never holds the model in two precisions (an
+    # fp32 export loaded as bf16 would otherwise land on the GPU at twice its final size first).
+    for param in model.parameters():
+        param.data = param.data.to(device=device, dtype=dtype or param.dtype)
+    return TorchBackend(model.to(device=device), threads)  # buffers: RoPE frequencies stay fp32, as in transformers
 
 
 def _export_backend(

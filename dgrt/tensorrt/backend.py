@@ -8,12 +8,17 @@ runtime's KVCache is allocated on the backend's device) and is bound in place; p
 into the output buffers and the cache appends them with one device copy per canvas. The self-conditioning
 embeddings never leave the GPU. The denoise step is captured in a CUDA graph per (batch, past lengths),
 i.e. once per canvas, and replayed for its other steps (the manifest marks the denoise graph as
-capturable: no data-dependent shapes).
+capturable: no data-dependent shapes); where TensorRT cannot run inside a capture, uncaptured with a
+warning.
+
+TensorRT runs on a stream of its own; the KV cache is appended on torch's current stream, so each call
+first makes its stream wait for the current one, and synchronizes before handing results back.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +26,10 @@ import torch
 
 from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
-from dgrt.errors import DgrtError
+from dgrt.errors import DgrtError, DgrtWarning
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
 from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
-from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest
+from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest, outside_profile, profiles
 
 if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
     import tensorrt as trt
@@ -92,6 +97,8 @@ class TensorRTBackend:
                 engine.weight_streaming_budget_v2 = engine.get_weight_streaming_automatic_budget()
             self.engines[graph] = engine
             self.contexts[graph] = engine.create_execution_context()
+        self.max_batch: int | None = options.max_batch  # the generator splits larger batches
+        self.profiles = {g: profiles(manifest, g, options) for g in GRAPHS}
         self.max_shapes = {g: max_shapes(manifest, g, options) for g in GRAPHS}
         self.buffers = {
             g: {
@@ -103,7 +110,7 @@ class TensorRTBackend:
             }
             for g in GRAPHS
         }
-        self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph | None] = {}  # None: runs uncaptured
 
     def _view(self, graph: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return self.buffers[graph][name][: int(torch.Size(shape).numel())].view(shape)
@@ -121,7 +128,14 @@ class TensorRTBackend:
                 tensor = self._view(graph, name, tuple(value.shape))
                 if tensor.data_ptr() != value.data_ptr():
                     tensor.copy_(value, non_blocking=True)
-            context.set_input_shape(name, tuple(tensor.shape))
+            shape = tuple(tensor.shape)
+            refused = (
+                outside_profile(graph, name, shape, self.profiles[graph][name])
+                if name in self.profiles[graph]
+                else None
+            )
+            if refused or not context.set_input_shape(name, shape):
+                raise DgrtError(refused or f"TensorRT refused shape {shape} for the {graph} engine's input {name}.")
             context.set_tensor_address(name, tensor.data_ptr())
         for spec in self.specs[graph].outputs:
             shape = _shape(context.get_tensor_shape(spec.name))
@@ -132,35 +146,57 @@ class TensorRTBackend:
         return [self._view(graph, s.name, _shape(context.get_tensor_shape(s.name))) for s in self.specs[graph].outputs]
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
+        self.stream.wait_stream(torch.cuda.current_stream())  # the cache's last append
         with torch.cuda.stream(self.stream):
             self._bind("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
-            if not self.contexts["prefill"].execute_async_v3(self.stream.cuda_stream):
-                raise DgrtError("TensorRT failed to run the prefill engine.")
+            self._execute("prefill")
         self.stream.synchronize()
         out = self._outputs("prefill")
         return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
 
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
         key = capture_key(inputs.canvas_ids.shape[0], past)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the cache's append, the soft embeddings' copy
         with torch.cuda.stream(self.stream):
             self._bind("denoise", inputs.by_name(), past)
-            graph = self._graphs.get(key)
-            if graph is None:
+            if key not in self._graphs:
                 # The first step with these shapes runs directly (TensorRT sets itself up for them), and is
                 # captured; later steps of the canvas replay the capture.
-                if not self.contexts["denoise"].execute_async_v3(self.stream.cuda_stream):
-                    raise DgrtError("TensorRT failed to run the denoise engine.")
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self.contexts["denoise"].execute_async_v3(self.stream.cuda_stream)
-                self._graphs = {key: graph}  # one canvas at a time: drop captures of earlier shapes
-            else:
+                self._execute("denoise")
+                self._graphs = {key: self._capture()}  # one canvas at a time: drop earlier captures
+            elif (graph := self._graphs[key]) is not None:
                 graph.replay()
+            else:
+                self._execute("denoise")
         self.stream.synchronize()
         argmax, sample, entropy, soft = self._outputs("denoise")[:4]
         # Small [B, C] results go to the host for the sampler; the soft embeddings stay on the GPU (they are
         # the next step's input: a copy out of this buffer happens before the next step overwrites it).
         return StepOutputs(argmax.cpu(), sample.cpu(), entropy.float().cpu(), soft.clone())
+
+    def _execute(self, graph: str) -> None:
+        if not self.contexts[graph].execute_async_v3(self.stream.cuda_stream):
+            raise DgrtError(f"TensorRT failed to run the {graph} engine (its log above says why).")
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """The denoise step captured in a CUDA graph, or None (with a warning) where TensorRT cannot run
+        inside a capture: the steps then run uncaptured, slower but right."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                captured = self.contexts["denoise"].execute_async_v3(self.stream.cuda_stream)
+        except RuntimeError as e:  # the capture itself failed (an operation that cannot be captured)
+            captured, why = False, str(e)
+        else:
+            why = "execute_async_v3 returned False"
+        if captured:
+            return graph
+        warnings.warn(
+            f"TensorRT could not run the denoise engine inside a CUDA graph capture ({why}); its steps run uncaptured.",
+            DgrtWarning,
+            stacklevel=2,
+        )
+        return None
 
     def close(self) -> None:
         self._graphs.clear()

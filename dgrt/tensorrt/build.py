@@ -23,6 +23,7 @@ from dgrt.tensorrt.options import (
     BuildOptions,
     builder_flags,
     check_version,
+    cleared_flags,
     engine_key,
     network_flags,
     onnx_digest,
@@ -106,6 +107,7 @@ def build(
             "precision": manifest.precision,
             "network_flags": network_flags(major),
             "builder_flags": builder_flags(major, options),
+            "cleared_flags": cleared_flags(options),
             "options": options.__dict__,
             "profiles": {g: profiles(manifest, g, options) for g in GRAPHS},
             "onnx": onnx_digest(manifest),
@@ -145,6 +147,8 @@ def _build_graph(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
     for name in builder_flags(major, options):
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in cleared_flags(options):
+        config.clear_flag(getattr(trt.BuilderFlag, name))
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profiles(manifest, graph, options).items():

@@ -27,6 +27,7 @@ class BuildOptions:
     refit: bool = False  # refittable engine (weights can be swapped without a rebuild)
     strip_weights: bool = False  # weight-stripped plan, refilled from the ONNX weights at load
     weight_streaming: bool = False  # keep weights in host memory and stream them (large models, small GPUs)
+    tf32: bool = False  # let fp32 GEMMs round their inputs to TF32 (TensorRT's default; off: fp32 means fp32)
 
     def checked(self, export_max_context: int, canvas: int) -> BuildOptions:
         if self.max_batch < 1:
@@ -73,6 +74,23 @@ def builder_flags(major: int, options: BuildOptions) -> list[str]:
     if options.weight_streaming:
         flags.append("WEIGHT_STREAMING")
     return flags
+
+
+def cleared_flags(options: BuildOptions) -> list[str]:
+    """BuilderFlag names to clear: TF32, which TensorRT enables by default (an "fp32" engine would round
+    every fp32 GEMM's inputs to 10-bit mantissas), unless asked for."""
+    return [] if options.tf32 else ["TF32"]
+
+
+def outside_profile(graph: str, name: str, shape: Shape, profile: tuple[Shape, Shape, Shape]) -> str | None:
+    """The sentence to raise when `shape` is outside an input's (min, opt, max) profile shapes, else None."""
+    low, _, high = profile
+    if len(shape) == len(low) and all(lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)):
+        return None
+    return (
+        f"the {graph} engine takes {name} of shapes {low} to {high} (its optimization profile), not {shape}; "
+        "rebuild with dgrt build --max-batch / --max-context to cover it."
+    )
 
 
 def dim_ranges(manifest: Manifest, graph: str, options: BuildOptions) -> dict[str, tuple[int, int, int]]:
