@@ -4,9 +4,9 @@
 
 Each prompt length runs in a fresh process: load the export, prefill a random prompt the way `generate`
 does (in chunks of the export's prefill_chunk, into a KV cache sized for the prompt and one canvas), then
-run denoise steps of a full canvas over it. Reported per phase, in MiB: the peak RSS, and "beyond the
-cache and weights": the peak less the weights' file-backed pages, the KV cache and the process before
-loading (what the calls themselves needed: activations and ONNX Runtime's buffers). --arena turns ONNX
+run denoise steps of a full canvas over it. Reported per phase (the peak is reset between them), in MiB:
+the peak RSS, and "beyond": the peak less the weights' file-backed pages, the KV cache and the process
+before loading (what the calls themselves needed: activations and ONNX Runtime's buffers). --arena turns ONNX
 Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
 """
 
@@ -54,6 +54,7 @@ t = time.perf_counter()
 prefill(backend, cache, ids, torch.arange(prompt)[None], zero, info.prefill_chunk)
 prefill_s = time.perf_counter() - t
 after_prefill = status()
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM): the steps' own from here
 soft, times = torch.zeros(1, c, info.hidden_size), []
 for _ in range(steps):
     inputs = DenoiseInputs(torch.randint(0, info.vocab_size, (1, c)), soft, torch.arange(prompt, prompt + c)[None],
