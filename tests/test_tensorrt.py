@@ -4,6 +4,10 @@ are (skipped otherwise, saying which is missing); the torch backend's GPU path w
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -214,3 +218,21 @@ def test_tensorrt_engines_answer_like_onnxruntime(tmp_path: Path) -> None:
     ort = dgrt.load(tmp_path / "onnx").generate(questions, seed=0)
     trt = dgrt.load(tmp_path / "onnx", backend="tensorrt").generate(questions, seed=0)
     assert sum(a == b for a, b in zip(trt.texts, ort.texts, strict=True)) >= 7
+
+
+def test_the_gpu_check_runs_here_as_a_dry_run(tmp_path: Path) -> None:
+    """tools/gpu_check.py from the source tree, on the CPU (--dry-run), the trained model only (--quick):
+    every row runs, agrees with the CPU reference in fp32, and lands in results.json."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, str(root / "tools" / "gpu_check.py"), str(tmp_path), "--dry-run", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the source tree: the script finds dgrt itself
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["backend"] for row in rows] == ["torch cpu fp32", "torch cpu bf16"]
+    assert not any("error" in row for row in rows)
+    assert rows[0]["argmax_agreement"] == 1.0 and rows[0]["task_accuracy"] == 1.0
