@@ -19,9 +19,9 @@ from dgrt.validate import shared_noise
 transformers = pytest.importorskip("transformers", reason="the reference extra (transformers==5.23.0) is needed")
 
 # The narrow variant: window 5, canvas 8, layers sliding, sliding, full, sliding, full. Chunks below, at
-# and above the window; prompts shorter than a chunk and longer than every chunk and the window.
+# and above the window; prompts shorter than, equal to and longer than the chunks and the window.
 CHUNKS = [3, 5, 8]
-PROMPT_LENGTHS = [2, 13]
+PROMPT_LENGTHS = [2, 5, 13]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_chunked_generation_matches_transformers_with_shared_noise(narrow: Gener
     default = narrow.info
     narrow.info = replace(default, prefill_chunk=3)
     try:
-        agreement, ours, ref = shared_noise(narrow, hf, prompts(narrow)[1], SamplerConfig(steps=4), 2, seed=5)
+        agreement, ours, ref = shared_noise(narrow, hf, prompts(narrow)[-1], SamplerConfig(steps=4), 2, seed=5)
     finally:
         narrow.info = default
     assert agreement == 1.0 and ours == ref
