@@ -34,7 +34,14 @@ TARGETS = ("onnxruntime", "tensorrt")
 # Prompts are prefilled in chunks of at most this many tokens: prefill memory (and the TensorRT profile's
 # seq range) grows with the chunk, not the prompt. Exports before the field was written get this value.
 DEFAULT_PREFILL_CHUNK = 1024
-RECIPES = ("fp8", "int4", "int4-experts")  # quantization recipes; dgrt.exporter.quantize implements them
+RECIPES = ("fp8", "int4", "int4-experts")
+
+
+def default_prefill_chunk(max_context: int) -> int:
+    """The prefill chunk of an export (or checkpoint) that names none: DEFAULT_PREFILL_CHUNK, within its context."""
+    return min(DEFAULT_PREFILL_CHUNK, max_context)  # quantization recipes; dgrt.exporter.quantize implements them
+
+
 # Beside weights.bin once its sha256 matched: (size, mtime, inode) that were hashed, so loads stay fast.
 VERIFIED_FILE = ".weights-verified.json"
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
@@ -261,7 +268,7 @@ def _parse(data: Any, where: str) -> Manifest:
         targets=tuple(targets),
         quantization=quantization,
         session_config=dict(session_config),
-        prefill_chunk=min(DEFAULT_PREFILL_CHUNK, max_context) if prefill_chunk is None else prefill_chunk,
+        prefill_chunk=default_prefill_chunk(max_context) if prefill_chunk is None else prefill_chunk,
         dgrt_version=str(data.get("dgrt_version", "")),
         created=str(data.get("created", "")),
     )

@@ -19,7 +19,7 @@ import torch
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.contract import manifest as manifest_mod
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, denoise_spec, prefill_spec
-from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest, WeightsEntry, mark_verified
+from dgrt.contract.manifest import Manifest, WeightsEntry, default_prefill_chunk, mark_verified
 from dgrt.errors import DgrtError
 from dgrt.exporter.lint import LintReport, lint_export
 from dgrt.exporter.manifest import build as build_manifest
@@ -97,7 +97,7 @@ def export(
             f"--max-context {max_context} must be larger than the canvas ({cfg.canvas_length}) and at most the "
             f"model's max_position_embeddings ({cfg.max_position_embeddings})."
         )
-    chunk = min(DEFAULT_PREFILL_CHUNK, max_context) if options.prefill_chunk is None else options.prefill_chunk
+    chunk = default_prefill_chunk(max_context) if options.prefill_chunk is None else options.prefill_chunk
     if not 1 <= chunk <= max_context:
         raise DgrtError(f"--prefill-chunk {chunk} must be from 1 to the max context ({max_context}).")
     check_output(out_dir, force, inputs=[ckpt.path])  # fail now, not after tracing and calibration

@@ -11,7 +11,7 @@ import torch
 
 from dgrt.config import ModelConfig, read_generation_config
 from dgrt.contract.io_spec import DTYPES, torch_dtype
-from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest
+from dgrt.contract.manifest import Manifest, default_prefill_chunk
 from dgrt.errors import DgrtError
 from dgrt.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from dgrt.runtime.generator import Generator, ModelInfo
@@ -73,7 +73,7 @@ def load(
             raise DgrtError(f"{path} is a checkpoint; the {name} backend runs exports (make one with dgrt export).")
         ckpt = Checkpoint.open(path)
         cfg, max_context = ckpt.config, ckpt.config.max_position_embeddings
-        chunk = min(DEFAULT_PREFILL_CHUNK, max_context)
+        chunk = default_prefill_chunk(max_context)
         runner = custom or _torch_backend(load_model(ckpt), threads, torch_options)
     else:
         raise DgrtError(f"{path}: neither an export directory (manifest.json) nor a checkpoint folder (config.json).")
