@@ -48,6 +48,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
+    from dgrt.contract.experts import ExpertRouting
     from dgrt.exporter.onnx_export import ExportOptions, export
     from dgrt.exporter.quantize import Recipe
 
@@ -57,6 +58,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         max_context=args.max_context,
         prefill_chunk=args.prefill_chunk,
         head_chunk=args.head_chunk,
+        experts=ExpertRouting(args.moe, args.expert_capacity_factor),
         debug_logits=args.debug_logits,
         quant=Recipe(args.quant, args.block_size) if args.quant else None,
         calibration=args.calibration,
@@ -74,7 +76,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     )
     print(
         f"  dtype {manifest.dtype}, opset {manifest.opset}, canvas {manifest.canvas_length}, "
-        f"max context {manifest.max_context}, prefill chunks of {manifest.prefill_chunk}"
+        f"max context {manifest.max_context}, prefill chunks of {manifest.prefill_chunk}, {manifest.experts.describe()}"
     )
     print(exported.lint.format())
     quantization = manifest.quantization
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from dgrt.contract.experts import DEFAULT_CAPACITY_FACTOR, FORMULATIONS
     from dgrt.contract.io_spec import DTYPES
     from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK
     from dgrt.exporter.onnx_export import DEFAULT_HEAD_CHUNK, DEFAULT_OPSET
@@ -443,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="canvas positions per chunk of the denoise step's vocabulary-sized work (LM head, sampler, next soft "
         "embeddings): its memory is one chunk's, and each chunk reads the embedding again (default "
         f"{DEFAULT_HEAD_CHUNK} for fp32, the ONNX Runtime CPU dtype; the whole canvas for fp16/bf16)",
+    )
+    p.add_argument(
+        "--moe",
+        choices=FORMULATIONS,
+        default="routed",
+        help="routed: each expert computes only its tokens, up to a capacity per call (a call that overflows it "
+        "is run again with more, so results equal dense); dense: every expert computes every token (default routed)",
+    )
+    p.add_argument(
+        "--expert-capacity-factor",
+        type=float,
+        default=DEFAULT_CAPACITY_FACTOR,
+        help="routed MoE: slots per expert as a multiple of the mean load, tokens x top_k / experts "
+        f"(default {DEFAULT_CAPACITY_FACTOR})",
     )
     p.add_argument("--debug-logits", action="store_true", help="also output the denoise graph's raw logits")
     p.add_argument("--quant", choices=RECIPES, help="quantize: fp8 (W8A8), int4 (weight-only), int4-experts")

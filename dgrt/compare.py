@@ -27,9 +27,11 @@ from typing import Any, Protocol
 
 import torch
 
+from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.runtime.backends import KV, Backend, DenoiseInputs, OnnxRuntimeBackend, StepOutputs, TorchBackend
+from dgrt.runtime.experts import RoutedCalls, slot_ids
 from dgrt.runtime.generator import ModelInfo
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.sampler import SamplerConfig, accept, sample_from_uniform
@@ -290,11 +292,22 @@ class TeacherForcing:
             yield from prefill(outputs.argmax, positions, k)
 
 
-def torch_logits(model: Any) -> LogitsFn:
-    """dgrt's modules' denoise logits for a step's inputs."""
+def torch_logits(model: Any, experts: ExpertRouting = ROUTED) -> LogitsFn:
+    """dgrt's modules' denoise logits for a step's inputs, with their MoE run as `experts` says."""
+    from dgrt.model.layers import ExpertSlots
+
+    routed = RoutedCalls(experts, model.config)
 
     def run(inputs: DenoiseInputs, past: list[KV]) -> torch.Tensor:
-        return model.denoise(inputs.canvas_ids, inputs.soft_embeds, inputs.position_ids, past, inputs.pad_lengths)
+        args = (inputs.canvas_ids, inputs.soft_embeds, inputs.position_ids, past, inputs.pad_lengths)
+        if not experts.routed:
+            return model.denoise(*args)
+
+        def call(capacity: int) -> tuple[torch.Tensor, int]:
+            slots = ExpertSlots(slot_ids(capacity))
+            return model.denoise(*args, slots), int(slots.load())
+
+        return routed.run(inputs.canvas_ids.numel(), call)
 
     return run
 
@@ -319,12 +332,20 @@ def export_logits(export_dir: Path, manifest: Manifest) -> LogitsFn:
     options = session_options(manifest)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
     session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    past_names = [t.name for t in manifest.graphs["denoise"].spec.inputs if t.layer is not None]
+    routed = RoutedCalls(manifest.experts, manifest.config)
 
     def run(inputs: DenoiseInputs, past: list[KV]) -> torch.Tensor:
-        flat = [t for kv in past for t in kv]
-        feed = dict(zip(names, [t.numpy() for t in (*inputs.by_name().values(), *flat)], strict=True))
-        return torch.from_numpy(session.run(["logits"], feed)[0])
+        feed = {name: t.numpy() for name, t in inputs.by_name().items()}
+        feed |= dict(zip(past_names, [t.numpy() for kv in past for t in kv], strict=True))
+        if not manifest.experts.routed:
+            return torch.from_numpy(session.run(["logits"], feed)[0])
+
+        def call(capacity: int) -> tuple[torch.Tensor, int]:
+            logits, load = session.run(["logits", "expert_load"], feed | {"expert_slots": slot_ids(capacity).numpy()})
+            return torch.from_numpy(logits), int(load[0])
+
+        return routed.run(inputs.canvas_ids.numel(), call)
 
     return run
 
@@ -333,7 +354,7 @@ def subject_logits(backend: Backend, export_dir: Path, manifest: Manifest) -> Lo
     """The denoise logits of an export loaded on `backend` (the torch backend's modules, or the graph
     itself on ONNX Runtime)."""
     if isinstance(backend, TorchBackend):
-        return torch_logits(backend.model)
+        return torch_logits(backend.model, manifest.experts)
     if isinstance(backend, OnnxRuntimeBackend):
         return export_logits(export_dir, manifest)
     raise DgrtError(

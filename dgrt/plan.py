@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dgrt.config import ModelConfig, read_generation_config, read_json
+from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES
 from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest
 from dgrt.errors import DgrtError, check_ints
@@ -68,9 +69,11 @@ def hardware() -> dict[str, Hardware]:
     }
 
 
-def resolve(source: str) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, Recipe | None] | None]:
-    """(config, generation config, what it is, an export's dtype and recipe) for a shipped config's name, an
-    export directory or a checkpoint folder."""
+def resolve(
+    source: str,
+) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, Recipe | None, ExpertRouting] | None]:
+    """(config, generation config, what it is, an export's dtype, recipe and MoE formulation) for a shipped
+    config's name, an export directory or a checkpoint folder."""
     if source in REAL_MODELS:
         folder = Path(str(resources.files("dgrt").joinpath(f"data/{source}")))
         what = f"{source} (the shipped config.json of the real model)"
@@ -81,7 +84,7 @@ def resolve(source: str) -> tuple[ModelConfig, dict[str, Any], str, tuple[str, R
         m = Manifest.from_json(read_json(folder / "manifest.json"), str(folder / "manifest.json"))  # the files unread
         q = m.quantization
         recipe = Recipe(q["recipe"], q["block_size"] or 64) if q else None
-        return m.config, read_generation_config(folder, m.config.vocab_size), what, (m.dtype, recipe)
+        return m.config, read_generation_config(folder, m.config.vocab_size), what, (m.dtype, recipe, m.experts)
     if not (folder / "config.json").is_file():
         raise DgrtError(
             f"{source}: neither an export, a checkpoint folder nor a shipped config; expected a folder with "
@@ -162,7 +165,10 @@ class Sizes:
     routed_expert_flops: float
 
 
-def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, prompt: int) -> Sizes:
+def sizes(
+    cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, prompt: int, routing: ExpertRouting = ROUTED
+) -> Sizes:
+    """routing: how the graphs compute the MoE (an export's manifest says; routed by default)."""
     weights, experts = w.file_bytes, w.expert_bytes
     act = TORCH_DTYPES[DTYPES[dtype]].itemsize  # bytes of an activation (the cache has the export dtype too)
     layers = LayerShape.of(cfg)
@@ -175,13 +181,14 @@ def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, pr
     def attention(queries: int, keys: int) -> int:  # scores and their softmax, fp32
         return 2 * batch * heads * queries * keys * 4
 
-    def experts_dense(tokens: int) -> int:  # every expert's gate/up, activation and down outputs
-        return batch * tokens * e * (3 * i + h) * act
+    def expert_outputs(tokens: int) -> int:  # gate/up, activation and down outputs of every expert's tokens
+        per_expert = routing.capacity(cfg, batch * tokens) if routing.routed else batch * tokens
+        return per_expert * e * (3 * i + h) * act
 
     # The vocabulary-sized work runs in chunks of canvas positions, the prompt's prefill in chunks of tokens.
     head, chunk = default_head_chunk(dtype, c), min(prompt, DEFAULT_PREFILL_CHUNK)
-    denoise = max(VOCAB_TEMPORARIES * batch * head * v * 4, attention(c, past + c), experts_dense(c))
-    prefill = max(attention(chunk, prompt), experts_dense(chunk))
+    denoise = max(VOCAB_TEMPORARIES * batch * head * v * 4, attention(c, past + c), expert_outputs(c))
+    prefill = max(attention(chunk, prompt), expert_outputs(chunk))
     held = [past if s.window is None else min(past, s.window - 1) for s in layers]  # what a step reads
     cache_read = sum(2 * batch * s.num_kv_heads * n * s.head_dim * act for s, n in zip(layers, held, strict=True))
     params, expert_params = w.params, w.expert_params
@@ -190,7 +197,9 @@ def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, pr
     # every parameter is a multiply-add per token (the embedding's as the LM head)
     dense_flops = 2.0 * tokens * params + attention_flops
     k = cfg.top_k_experts
-    routed_flops = dense_flops - 2.0 * tokens * expert_params * (1 - k / e)
+    # Routed, each expert computes its capacity's worth of tokens (unused slots included).
+    routed_expert_flops = 2.0 * (routing if routing.routed else ROUTED).capacity(cfg, tokens) * expert_params
+    routed_flops = dense_flops - 2.0 * tokens * expert_params + routed_expert_flops
     # A step's tokens pick k experts each: with uniform routing 1 - (1 - k/E)^tokens of the experts are hit
     # (a 256-token canvas of the 26B model hits all 128 of them: routing saves FLOPs, not bandwidth).
     routed_experts = round(experts * (1 - (1 - k / e) ** tokens))
@@ -207,7 +216,7 @@ def sizes(cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, pr
         expert_flops=2.0 * tokens * expert_params,
         routed_bytes_read=weights - experts + routed_experts + cache_read,
         routed_flops=routed_flops,
-        routed_expert_flops=2.0 * tokens * expert_params * k / e,
+        routed_expert_flops=routed_expert_flops,
     )
 
 
@@ -283,8 +292,9 @@ class Plan:
             f"per row {s.kv_per_token / 1024:.1f} KiB per token in full layers, {_gb(s.kv_sliding)} in sliding ones)",
             f"  activations      {_gb(s.denoise_activations)} denoise, {_gb(s.prefill_activations)} prefill of the "
             "prompt (largest live tensors, estimated)",
-            f"  per denoise step {_gb(s.denoise_bytes_read)} read, {s.denoise_flops / 1e12:.2f} TFLOP (every expert "
-            f"computed); routed top-k: {_gb(s.routed_bytes_read)}, {s.routed_flops / 1e12:.2f} TFLOP",
+            f"  per denoise step {_gb(s.denoise_bytes_read)} read, {s.denoise_flops / 1e12:.2f} TFLOP (dense: every "
+            f"expert on every token); routed: {_gb(s.routed_bytes_read)}, {s.routed_flops / 1e12:.2f} TFLOP (each "
+            f"expert at its capacity, {ROUTED.capacity_factor:g}x the mean load)",
             "",
             f"{'target':<8}{'usable':>10}{'1 copy':>10}{'TensorRT':>10}  {'fits':<12}{'step floor':>12}{'routed':>10}"
             f"{'tokens/s':>10}{'routed':>9}",
@@ -327,9 +337,11 @@ def make_plan(
     from dgrt.sampler import SamplerConfig
 
     cfg, gen, what, exported = resolve(source)
+    experts = ROUTED
     if exported is not None:  # the export's own precision unless another is asked for
         dtype = dtype or exported[0]
         recipe = recipe or exported[1]
+        experts = exported[2]
     dtype = dtype or "fp32"
     if dtype not in DTYPES:
         raise DgrtError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
@@ -348,7 +360,7 @@ def make_plan(
         raise DgrtError(f"--steps is {steps:g}, expected a number from 1 to 10000 (denoise steps per canvas).")
     precision = recipe.name if recipe is not None else dtype
     w = weights_of(cfg, dtype, recipe)
-    s = sizes(cfg, w, dtype, batch, context, prompt)
+    s = sizes(cfg, w, dtype, batch, context, prompt, experts)
     chosen = [targets[target]] if target else list(targets.values())
     fits = [fit(hw, s, precision, batch, c, steps) for hw in chosen]
     changes = {

@@ -24,6 +24,8 @@ class OrtGraphs:
 
     def _run(self, graph: str, fixed: dict[str, torch.Tensor], past: list) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs[graph].spec
+        ids = fixed["input_ids" if graph == "prefill" else "canvas_ids"]
+        fixed = {"expert_slots": torch.arange(ids.numel())} | fixed  # routed: a slot per token, never overflows
         feed = {}
         for t in spec.inputs:
             if t.layer is not None:

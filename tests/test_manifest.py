@@ -86,7 +86,7 @@ MANIFEST_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     ),
     "a layer dropped from the I/O": (
         drop("graphs", "prefill", "inputs", -1),
-        "graphs.prefill: inputs[10] is nothing, but the contract of its config and dtype expects",
+        "graphs.prefill: inputs[11] is nothing, but the contract of its config and dtype expects",
     ),
     "a third graph": (lambda m: m["graphs"].update(extra={}), "'graphs' names ['denoise', 'extra', 'prefill']"),
     "vocab_size disagrees with the config": (

@@ -88,8 +88,11 @@ def test_profiles_come_from_the_manifest_dims(exports: dict[str, Path]) -> None:
         "seq": (1, 16, 512),
         "past_full": (0, 496, 511),
         "past_sliding": (0, 7, 7),  # the runtime keeps window - 1 tokens
+        # routed experts: up to every token of a call (4 rows of 512); opt: a canvas's default capacity
+        "expert_capacity": (1, 16, 2048),
     }
     prefill = profiles(manifest, "prefill", options)
+    assert prefill["expert_slots"] == ((1,), (16,), (2048,))
     assert prefill["input_ids"] == ((1, 1), (1, 16), (4, 512))
     assert prefill["past_key_values.1.key"][2] == (4, 1, 511, 32)  # a full layer: 1 KV head of 32
     denoise = profiles(manifest, "denoise", options)
@@ -97,6 +100,7 @@ def test_profiles_come_from_the_manifest_dims(exports: dict[str, Path]) -> None:
     assert denoise["past_key_values.1.key"][2] == (4, 1, 496, 32)  # room left for the canvas
     assert "temperature" in denoise and all(len(v) == 3 for v in denoise.values())
     assert max_shapes(manifest, "denoise", options)["next_soft_embeds"] == (4, 16, 64)
+    assert denoise["expert_slots"] == ((1,), (16,), (64,))  # 4 canvases of 16 tokens
 
 
 def test_the_prefill_profile_and_buffers_take_one_chunk_not_the_context(exports: dict[str, Path]) -> None:

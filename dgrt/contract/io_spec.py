@@ -21,6 +21,7 @@ DIMS = {
         "number of cached tokens a sliding-attention layer's past holds: the whole history, or only its "
         "last sliding_window - 1 tokens (both give the same result)"
     ),
+    "expert_capacity": "most tokens each expert computes in one call of a routed graph (its expert_slots' length)",
 }
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -63,6 +64,25 @@ PAD_LENGTHS = TensorSpec(
 )
 
 
+EXPERT_SLOTS = TensorSpec(
+    "expert_slots",
+    "int64",
+    ("expert_capacity",),
+    "routed MoE only: arange(capacity), whose length is how many of the call's tokens each expert computes",
+)
+EXPERT_LOAD = TensorSpec(
+    "expert_load",
+    "int64",
+    (1,),
+    "routed MoE only: the most tokens any expert of any layer was routed; above the capacity, some were "
+    "dropped and the call must be run again with more expert_slots",
+)
+
+
+def _routed(routed: bool, spec: TensorSpec) -> list[TensorSpec]:
+    return [spec] if routed else []
+
+
 def _past(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
     out = []
     for i, spec in enumerate(cfg.layers):
@@ -81,8 +101,8 @@ def _past(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
     return out
 
 
-def prefill_spec(cfg: ModelConfig, dtype: str) -> GraphSpec:
-    """dtype: the model dtype, one of DTYPES' values."""
+def prefill_spec(cfg: ModelConfig, dtype: str, routed: bool = False) -> GraphSpec:
+    """dtype: the model dtype, one of DTYPES' values. routed: the MoE is routed (dgrt.contract.experts)."""
     inputs = [
         TensorSpec("input_ids", "int64", ("batch", "seq"), "token ids of the new tokens"),
         TensorSpec(
@@ -92,6 +112,7 @@ def prefill_spec(cfg: ModelConfig, dtype: str) -> GraphSpec:
             "positions of the new tokens: prompt 0..P-1; a finished canvas keeps the positions it was denoised at",
         ),
         PAD_LENGTHS,
+        *_routed(routed, EXPERT_SLOTS),
         *_past(cfg, dtype),
     ]
     outputs = []
@@ -110,13 +131,13 @@ def prefill_spec(cfg: ModelConfig, dtype: str) -> GraphSpec:
     return GraphSpec(
         "prefill",
         tuple(inputs),
-        tuple(outputs),
+        tuple(outputs + _routed(routed, EXPERT_LOAD)),
         cuda_graph=False,
         doc="causal pass over new tokens (the prompt, then each finished canvas); returns their K/V per layer",
     )
 
 
-def denoise_spec(cfg: ModelConfig, dtype: str, debug_logits: bool = False) -> GraphSpec:
+def denoise_spec(cfg: ModelConfig, dtype: str, debug_logits: bool = False, routed: bool = False) -> GraphSpec:
     c, h = cfg.canvas_length, cfg.hidden_size
     inputs = [
         TensorSpec("canvas_ids", "int64", ("batch", c), "the current canvas"),
@@ -140,6 +161,7 @@ def denoise_spec(cfg: ModelConfig, dtype: str, debug_logits: bool = False) -> Gr
             ("batch", c),
             "one uniform random number in [0, 1) per position, from which the sample is drawn",
         ),
+        *_routed(routed, EXPERT_SLOTS),
         *_past(cfg, dtype),
     ]
     outputs = [
@@ -152,6 +174,7 @@ def denoise_spec(cfg: ModelConfig, dtype: str, debug_logits: bool = False) -> Gr
             ("batch", c, h),
             "softmax(logits / temperature) @ embedding * sqrt(hidden): the next step's soft_embeds",
         ),
+        *_routed(routed, EXPERT_LOAD),
     ]
     if debug_logits:
         outputs.append(

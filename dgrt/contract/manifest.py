@@ -22,6 +22,7 @@ import torch
 
 from dgrt import __version__
 from dgrt.config import ModelConfig
+from dgrt.contract.experts import DENSE, FORMULATIONS, ExpertRouting
 from dgrt.contract.io_spec import DIMS, DTYPES, GraphSpec, denoise_spec, prefill_spec, torch_dtype
 from dgrt.errors import DgrtError, DgrtWarning
 from dgrt.fsutil import atomic_write_text
@@ -76,6 +77,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     session_config: dict[str, str] = field(default_factory=dict)  # ONNX Runtime entries to set
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most tokens one prefill call takes (at most max_context)
+    experts: ExpertRouting = DENSE  # how the graphs compute the MoE (exports before the field: dense)
     dgrt_version: str = __version__
     created: str = ""
 
@@ -105,7 +107,8 @@ class Manifest:
             "targets": list(self.targets),
             "max_context": self.max_context,
             "prefill_chunk": self.prefill_chunk,
-            **_model_fields(cfg),
+            "experts": self.experts.to_json(),
+            **_model_fields(cfg, self.experts),
             "graphs": {
                 name: {
                     "file": g.file,
@@ -133,7 +136,7 @@ class Manifest:
         return _parse(data, where)
 
 
-def _model_fields(cfg: ModelConfig) -> dict[str, Any]:
+def _model_fields(cfg: ModelConfig, experts: ExpertRouting) -> dict[str, Any]:
     """What the manifest repeats from the config for runtimes that do not parse HF configs."""
     return {
         "canvas_length": cfg.canvas_length,
@@ -145,7 +148,7 @@ def _model_fields(cfg: ModelConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "tokens": {"pad": cfg.pad_token_id, "eos": list(cfg.eos_token_id), "bos": cfg.bos_token_id},
-        "dims": DIMS,
+        "dims": {name: doc for name, doc in DIMS.items() if name != "expert_capacity" or experts.routed},
     }
 
 
@@ -216,7 +219,8 @@ def _parse(data: Any, where: str) -> Manifest:
     prefill_chunk = _count(data, "prefill_chunk", where, minimum=1) if "prefill_chunk" in data else None
     if prefill_chunk is not None and prefill_chunk > max_context:
         raise DgrtError(f"{where}: 'prefill_chunk' is {prefill_chunk}, expected at most max_context ({max_context}).")
-    for key, derived in _model_fields(cfg).items():
+    experts = _experts(data, where)
+    for key, derived in _model_fields(cfg, experts).items():
         if key not in data:
             raise DgrtError(f"{where}: '{key}' is missing, expected {_show(derived)} (from its config).")
         if data[key] != derived:
@@ -225,7 +229,7 @@ def _parse(data: Any, where: str) -> Manifest:
     graphs_json = _object(data, "graphs", where)
     if sorted(graphs_json) != sorted(GRAPHS):
         raise DgrtError(f"{where}: 'graphs' names {sorted(graphs_json)}, expected {list(GRAPHS)}.")
-    graphs = {name: _graph(graphs_json, name, cfg, DTYPES[dtype], f"{where} graphs") for name in GRAPHS}
+    graphs = {name: _graph(graphs_json, name, cfg, DTYPES[dtype], experts, f"{where} graphs") for name in GRAPHS}
     if graphs["prefill"].file == graphs["denoise"].file:
         raise DgrtError(f"{where}: both graphs name the file {graphs['prefill'].file!r}, expected two files.")
 
@@ -269,19 +273,36 @@ def _parse(data: Any, where: str) -> Manifest:
         quantization=quantization,
         session_config=dict(session_config),
         prefill_chunk=default_prefill_chunk(max_context) if prefill_chunk is None else prefill_chunk,
+        experts=experts,
         dgrt_version=str(data.get("dgrt_version", "")),
         created=str(data.get("created", "")),
     )
 
 
-def _graph(graphs: dict[str, Any], name: str, cfg: ModelConfig, dtype: str, where: str) -> GraphEntry:
+def _experts(data: dict[str, Any], where: str) -> ExpertRouting:
+    if "experts" not in data:
+        return DENSE
+    e = _object(data, "experts", where)
+    formulation = _get(e, "formulation", str, f"{where} experts", f"one of {', '.join(FORMULATIONS)}")
+    if formulation not in FORMULATIONS:
+        raise DgrtError(f"{where}: experts.formulation is {formulation!r}, expected one of {', '.join(FORMULATIONS)}.")
+    factor = _get(e, "capacity_factor", (int, float), f"{where} experts", "a number > 0")
+    if not factor > 0:
+        raise DgrtError(f"{where}: experts.capacity_factor is {factor}, expected a number > 0.")
+    return ExpertRouting(formulation, float(factor))
+
+
+def _graph(
+    graphs: dict[str, Any], name: str, cfg: ModelConfig, dtype: str, experts: ExpertRouting, where: str
+) -> GraphEntry:
     g = _object(graphs, name, where)
     where = f"{where}.{name}"
     outputs = _get(g, "outputs", list, where, "a list of tensors")
     debug_logits = (
         name == "denoise" and bool(outputs) and isinstance(outputs[-1], dict) and (outputs[-1].get("name") == "logits")
     )
-    spec = prefill_spec(cfg, dtype) if name == "prefill" else denoise_spec(cfg, dtype, debug_logits)
+    routed = experts.routed
+    spec = prefill_spec(cfg, dtype, routed) if name == "prefill" else denoise_spec(cfg, dtype, debug_logits, routed)
     for key, expected in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         got, want = _get(g, key, list, where, "a list of tensors"), [t.to_json() for t in expected]
         if got != want:

@@ -20,6 +20,9 @@ import onnx_ir as ir
 
 from dgrt.contract import manifest as manifest_mod
 
+# ITopKLayer: "only values up to 3840 are supported" (NvInfer.h, TensorRT 10); the runtime keeps a routed
+# MoE's capacity within it on TensorRT (dgrt.runtime.experts).
+TOPK_MAX_K = 3840
 # Shapes that depend on values, or control flow: neither can be captured in a CUDA graph.
 DATA_DEPENDENT = {"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "If", "Scan"}
 REDUCE_OPS = {
@@ -97,6 +100,16 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def _from_shapes(value: ir.Value | None) -> bool:
+    """Whether a value is computed from constants and tensor shapes only (a TensorRT shape tensor)."""
+    if value is None or _constant(value) is not None:
+        return True
+    node = value.producer()
+    if node is None:  # a graph input's values
+        return False
+    return node.op_type == "Shape" or all(_from_shapes(v) for v in node.inputs)
+
+
 def _check_node(node: ir.Node, cuda_graph: bool) -> list[str]:
     table = tensorrt_table()
     op, where = node.op_type, f"{node.op_type} node '{node.name}'"
@@ -117,8 +130,11 @@ def _check_node(node: ir.Node, cuda_graph: bool) -> list[str]:
         k = _constant(node.inputs[1])
         if attrs.get("sorted") is not None and attrs["sorted"].as_int() != 1:
             errors.append(f"{where}: `sorted` must be 1.")
-        if k is None or int(k.reshape(-1)[0]) >= 3840:
-            errors.append(f"{where}: K must be a build-time constant below 3840.")
+        if k is not None and int(k.reshape(-1)[0]) > TOPK_MAX_K:
+            errors.append(f"{where}: K is {int(k.reshape(-1)[0])}; TensorRT's TopK takes at most {TOPK_MAX_K}.")
+        elif k is None and not _from_shapes(node.inputs[1]):
+            # onnx-tensorrt 10 gives a tensor K to ITopKLayer.setInput(1): it must be a shape tensor.
+            errors.append(f"{where}: K must be a build-time constant or computed from input shapes only.")
     elif op == "CumSum" and _constant(node.inputs[1]) is None:
         errors.append(f"{where}: `axis` must be a build-time constant.")
     elif op in REDUCE_OPS | {"Squeeze", "Unsqueeze"} and len(node.inputs) > 1 and node.inputs[1] is not None:

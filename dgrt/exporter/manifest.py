@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dgrt.checkpoint import Checkpoint
+from dgrt.contract.experts import ExpertRouting
 from dgrt.contract.io_spec import GraphSpec
 from dgrt.contract.manifest import GraphEntry, Manifest, WeightsEntry, file_sha256
 
@@ -27,6 +28,7 @@ def build(
     opset: int,
     max_context: int,
     prefill_chunk: int,
+    experts: ExpertRouting,
     weights: WeightsEntry,
     side_files: list[str],
     quantization: dict[str, Any] | None = None,
@@ -37,6 +39,7 @@ def build(
         opset=opset,
         max_context=max_context,
         prefill_chunk=prefill_chunk,
+        experts=experts,
         graphs={name: GraphEntry(files[name], file_sha256(out / files[name]), spec) for name, spec in specs.items()},
         weights=weights,
         files=tuple(side_files),

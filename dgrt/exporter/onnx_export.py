@@ -18,6 +18,7 @@ import torch
 
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.contract import manifest as manifest_mod
+from dgrt.contract.experts import FORMULATIONS, ROUTED, ExpertRouting
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, denoise_spec, prefill_spec
 from dgrt.contract.manifest import Manifest, WeightsEntry, default_prefill_chunk, mark_verified
 from dgrt.errors import DgrtError
@@ -55,6 +56,7 @@ class ExportOptions:
     max_context: int | None = None  # default: the model's max_position_embeddings
     prefill_chunk: int | None = None  # most tokens per prefill call; default DEFAULT_PREFILL_CHUNK (or max_context)
     head_chunk: int | None = None  # canvas positions per chunk of the vocabulary-sized work; see default_head_chunk
+    experts: ExpertRouting = ROUTED  # routed (the default) or dense MoE, and the routed capacity
     debug_logits: bool = False
     quant: Recipe | None = None  # None: no quantization
     # FP8 calibration prompts: 'auto', 'builtin', 'task' or a file (see dgrt.exporter.calibrate.read_prompts)
@@ -100,6 +102,12 @@ def export(
     chunk = default_prefill_chunk(max_context) if options.prefill_chunk is None else options.prefill_chunk
     if not 1 <= chunk <= max_context:
         raise DgrtError(f"--prefill-chunk {chunk} must be from 1 to the max context ({max_context}).")
+    experts = options.experts
+    if experts.formulation not in FORMULATIONS or not experts.capacity_factor > 0:
+        raise DgrtError(
+            f"--moe {experts.formulation} with --expert-capacity-factor {experts.capacity_factor}: expected one of "
+            f"{', '.join(FORMULATIONS)} and a factor > 0."
+        )
     check_output(out_dir, force, inputs=[ckpt.path])  # fail now, not after tracing and calibration
     dtype = DTYPES[options.dtype]
 
@@ -111,13 +119,17 @@ def export(
         for name, param in model.named_parameters():
             if param.ndim >= 2:  # GEMM weights (and the embedding, which no recipe quantizes)
                 options.quant.check_blocks(name, param.shape)
-    specs = {"prefill": prefill_spec(cfg, dtype), "denoise": denoise_spec(cfg, dtype, options.debug_logits)}
+    routed = options.experts.routed
+    specs = {
+        "prefill": prefill_spec(cfg, dtype, routed),
+        "denoise": denoise_spec(cfg, dtype, options.debug_logits, routed),
+    }
     head_chunk = (
         default_head_chunk(options.dtype, cfg.canvas_length) if options.head_chunk is None else options.head_chunk
     )
     if not 1 <= head_chunk <= cfg.canvas_length:
         raise DgrtError(f"--head-chunk {head_chunk} must be from 1 to the canvas length ({cfg.canvas_length}).")
-    graphs = traced_graphs(model, TraceSettings(dtype, options.opset, max_context, head_chunk), progress)
+    graphs = traced_graphs(model, TraceSettings(dtype, options.opset, max_context, head_chunk, routed), progress)
     if not options.debug_logits:
         drop_logits(graphs["denoise"])
     quantized: dict[str, QuantizedWeight] = {}
@@ -157,6 +169,7 @@ def export(
             opset=options.opset,
             max_context=max_context,
             prefill_chunk=chunk,
+            experts=options.experts,
             weights=WeightsEntry(WEIGHTS_FILE, weights.size, weights.count, weights_sha),
             side_files=copied,
             quantization=quantization,

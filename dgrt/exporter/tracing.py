@@ -12,6 +12,7 @@ Tracing is most of an export's time and grows with the layer count (measured 202
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from dgrt.model import Denoise, DiffusionGemma, Prefill
 from dgrt.progress import Progress
 
 # Example sizes for tracing: all different, none 0 or 1, so torch.export specialises nothing.
-EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6}
+EXAMPLE_DIMS = {"batch": 2, "seq": 5, "past_full": 7, "past_sliding": 6, "expert_capacity": 3}
 # Stands in for the weights of a graph sent between processes; never read (export points every weight
 # at its weights file before anything reads one).
 NO_DATA = "<weights not attached yet>"
@@ -82,6 +83,7 @@ class TraceSettings:
     opset: int
     max_context: int
     head_chunk: int  # canvas positions per chunk of the denoise graph's vocabulary-sized work
+    routed: bool = True  # the MoE runs routed (dgrt.contract.experts), else dense
 
 
 def traced_graphs(model: DiffusionGemma, settings: TraceSettings, progress: Progress) -> dict[str, ir.Model]:
@@ -143,8 +145,9 @@ def _cpus() -> int:
 def trace_graph(model: DiffusionGemma, name: str, settings: TraceSettings) -> ir.Model:
     """One graph, "prefill" or "denoise" (with its debug logits output), without tracing state."""
     cfg, dtype = model.config, settings.dtype
-    module, spec = (Prefill(model), prefill_spec(cfg, dtype)) if name == "prefill" else (
-        Denoise(model, True, settings.head_chunk), denoise_spec(cfg, dtype, True))  # fmt: skip
+    routed = settings.routed
+    module, spec = (Prefill(model, routed), prefill_spec(cfg, dtype, routed)) if name == "prefill" else (
+        Denoise(model, True, settings.head_chunk, routed), denoise_spec(cfg, dtype, True, routed))  # fmt: skip
     graph = _without_tracing_state(_trace(module, spec, settings.opset, settings.max_context))
     if name == "denoise":
         _name_logits_chunks(graph)
@@ -188,13 +191,14 @@ def _trace(module: nn.Module, spec: GraphSpec, opset: int, max_context: int) -> 
         "seq": torch.export.Dim("seq", min=1, max=max_context),
         "past_full": torch.export.Dim("past_full", min=0, max=max_context),
         "past_sliding": torch.export.Dim("past_sliding", min=0, max=max_context),
+        "expert_capacity": torch.export.Dim("expert_capacity", min=1, max=4096 * max_context),
     }
     args, shapes = [], []
     for t in spec.inputs:
         size = [EXAMPLE_DIMS[d] if isinstance(d, str) else d for d in t.shape]
         args.append(torch.zeros(size, dtype=TORCH_DTYPES[t.dtype], device="meta"))
         shapes.append({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)})
-    n_fixed = sum(1 for t in spec.inputs if t.layer is None)  # the rest are the *past varargs
+    n_fixed = len(inspect.signature(module.forward).parameters) - 1  # the rest are the *rest varargs
     dynamic_shapes = (*shapes[:n_fixed], tuple(shapes[n_fixed:]))
     # Without torch's fake-tensor dispatch cache: with symbolic shapes it costs more than it saves here
     # (measured: the same graphs, about 10% sooner).

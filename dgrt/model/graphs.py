@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgrt.config import ModelConfig
-from dgrt.model.layers import Layer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+from dgrt.model.layers import ExpertSlots, Layer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 from dgrt.sampler import step_outputs
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -61,10 +61,12 @@ class DiffusionGemma(nn.Module):
         position_ids: torch.Tensor,
         past: list[KV],
         pad_lengths: torch.Tensor | None = None,
+        slots: ExpertSlots | None = None,
     ) -> list[KV]:
         """K/V of the new tokens [B, S] at positions [B, S], for every layer.
 
         pad_lengths [B]: cache slots at the start of each row that are left padding (never attended to).
+        slots: run the experts routed, with this capacity (else dense; see layers.Experts).
         """
         x = self._embed(input_ids)
         rope = self._rope(position_ids, x.dtype)
@@ -76,7 +78,8 @@ class DiffusionGemma(nn.Module):
             if i == last:  # the last layer's output feeds no cache: skip its attention and MLPs
                 new.append(layer.key_value(x, cos, sin))
             else:
-                x, k, v = layer(x, cos, sin, past_k, past_v, causal=True, pad_lengths=pad_lengths, history=history)
+                x, k, v = layer(x, cos, sin, past_k, past_v, causal=True, pad_lengths=pad_lengths, history=history,
+                                slots=slots)  # fmt: skip
                 new.append((k, v))
         return new
 
@@ -87,9 +90,10 @@ class DiffusionGemma(nn.Module):
         position_ids: torch.Tensor,
         past: list[KV],
         pad_lengths: torch.Tensor | None = None,
+        slots: ExpertSlots | None = None,
     ) -> torch.Tensor:
         """fp32 softcapped logits [B, C, V] for the canvas, given the previous step's soft embeddings."""
-        return self.lm_head(self.denoise_hidden(canvas_ids, soft_embeds, position_ids, past, pad_lengths))
+        return self.lm_head(self.denoise_hidden(canvas_ids, soft_embeds, position_ids, past, pad_lengths, slots))
 
     def denoise_hidden(
         self,
@@ -98,6 +102,7 @@ class DiffusionGemma(nn.Module):
         position_ids: torch.Tensor,
         past: list[KV],
         pad_lengths: torch.Tensor | None = None,
+        slots: ExpertSlots | None = None,
     ) -> torch.Tensor:
         """The canvas's final normed hidden states [B, C, H]: what the LM head reads."""
         x = self.self_conditioning(self._embed(canvas_ids), soft_embeds)
@@ -105,7 +110,8 @@ class DiffusionGemma(nn.Module):
         history = self._history(past)
         for layer, (past_k, past_v) in zip(self.blocks, past, strict=True):
             cos, sin = rope[layer.spec.layer_type]
-            x, _, _ = layer(x, cos, sin, past_k, past_v, causal=False, pad_lengths=pad_lengths, history=history)
+            x, _, _ = layer(x, cos, sin, past_k, past_v, causal=False, pad_lengths=pad_lengths, history=history,
+                            slots=slots)  # fmt: skip
         return self.norm(x)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
@@ -142,38 +148,50 @@ def _pairs(flat: tuple[torch.Tensor, ...]) -> list[KV]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-class Prefill(nn.Module):
-    """The prefill graph with a flat signature: (input_ids, position_ids, pad_lengths, past_k_0, past_v_0,
-    ...) -> (new_k_0, new_v_0, ...)."""
+def _routing(routed: bool, rest: tuple[torch.Tensor, ...]) -> tuple[ExpertSlots | None, list[KV]]:
+    """Split a graph's trailing inputs into the expert slots (routed graphs take them first) and the past."""
+    return (ExpertSlots(rest[0]), _pairs(rest[1:])) if routed else (None, _pairs(rest))
 
-    def __init__(self, model: DiffusionGemma):
+
+class Prefill(nn.Module):
+    """The prefill graph with a flat signature: (input_ids, position_ids, pad_lengths[, expert_slots],
+    past_k_0, past_v_0, ...) -> (new_k_0, new_v_0, ...[, expert_load]). `routed`: the MoE runs routed with
+    as many slots per expert as expert_slots is long, and the graph returns the busiest expert's load."""
+
+    def __init__(self, model: DiffusionGemma, routed: bool = False):
         super().__init__()
         self.model = model
+        self.routed = routed
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, pad_lengths: torch.Tensor, *past: torch.Tensor
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, pad_lengths: torch.Tensor, *rest: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        new = self.model.prefill(input_ids, position_ids, _pairs(past), pad_lengths)
-        return tuple(t for kv in new for t in kv)
+        slots, past = _routing(self.routed, rest)
+        new = self.model.prefill(input_ids, position_ids, past, pad_lengths, slots)
+        return tuple(t for kv in new for t in kv) + ((slots.load(),) if slots else ())
 
 
 class Denoise(nn.Module):
     """The denoise graph with a flat signature and the sampler's per-position work inside:
 
     (canvas_ids [B, C], soft_embeds [B, C, H], position_ids [B, C], pad_lengths [B], temperature [B],
-    uniform [B, C], past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C], entropy [B, C],
-    next_soft_embeds [B, C, H] [, logits [B, C, V] with debug_logits]). See dgrt.sampler.
+    uniform [B, C][, expert_slots [capacity]], past_k_0, past_v_0, ...) -> (argmax [B, C], sample [B, C],
+    entropy [B, C], next_soft_embeds [B, C, H][, expert_load [1]][, logits [B, C, V] with debug_logits]).
+    See dgrt.sampler, and Prefill for `routed`.
 
     The vocabulary-sized work (LM head, sampler, next soft embeddings: about a dozen [B, n, V] fp32
     temporaries) runs over the canvas in chunks of `head_chunk` positions, one after the other, so its
     memory is that of one chunk; each chunk reads the embedding again (see dgrt.exporter's head_chunk).
     """
 
-    def __init__(self, model: DiffusionGemma, debug_logits: bool = False, head_chunk: int | None = None):
+    def __init__(
+        self, model: DiffusionGemma, debug_logits: bool = False, head_chunk: int | None = None, routed: bool = False
+    ):
         super().__init__()
         self.model = model
         self.debug_logits = debug_logits
         self.head_chunk = head_chunk or model.config.canvas_length
+        self.routed = routed
 
     def forward(
         self,
@@ -183,9 +201,10 @@ class Denoise(nn.Module):
         pad_lengths: torch.Tensor,
         temperature: torch.Tensor,
         uniform: torch.Tensor,
-        *past: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        h = self.model.denoise_hidden(canvas_ids, soft_embeds, position_ids, _pairs(past), pad_lengths)
+        slots, past = _routing(self.routed, rest)
+        h = self.model.denoise_hidden(canvas_ids, soft_embeds, position_ids, past, pad_lengths, slots)
         chunks = []
         for start in range(0, h.shape[1], self.head_chunk):
             part = slice(start, start + self.head_chunk)
@@ -193,4 +212,5 @@ class Denoise(nn.Module):
             processed, argmax, sample, entropy = step_outputs(logits, temperature, uniform[:, part])
             chunks.append((argmax, sample, entropy, self.model.soft_embeddings(processed), logits))
         outputs = [torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*chunks, strict=True)]
-        return tuple(outputs if self.debug_logits else outputs[:4])
+        load = [slots.load()] if slots else []
+        return tuple(outputs[:4] + load + outputs[4:] if self.debug_logits else outputs[:4] + load)

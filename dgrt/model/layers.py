@@ -1,8 +1,8 @@
 """The building blocks of the DiffusionGemma text stack, written for export.
 
 Every shape is static or follows from input shapes (no data-dependent shapes, no Python-side state), masks
-are explicit, and the MoE is a dense formulation. Parameter names follow the checkpoint's decoder keys, so a
-state dict maps onto them one to one (see dgrt.checkpoint).
+are explicit, and the MoE runs dense or routed with a capacity per expert (Experts). Parameter names follow
+the checkpoint's decoder keys, so a state dict maps onto them one to one (see dgrt.checkpoint).
 """
 
 from __future__ import annotations
@@ -181,36 +181,87 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense routing weights [N, E]: zero except the renormalised, per-expert-scaled top-k."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top-k experts [N, k] and their weights [N, k] (fp32: renormalised, per-expert-scaled)."""
         scores = self.proj(self.norm(x) * self.scale * self.root_size)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         top_w, top_i = torch.topk(probs, k=self.top_k, dim=-1)
-        routing = torch.zeros_like(probs).scatter(-1, top_i, top_w / top_w.sum(dim=-1, keepdim=True))
-        # Scaling the dense matrix by the per-expert scales gives the same products as scaling the top-k
-        # weights, without a gather.
-        return routing * self.per_expert_scale
+        return top_w / top_w.sum(dim=-1, keepdim=True) * self.per_expert_scale[top_i], top_i
+
+
+class ExpertSlots:
+    """The routed MoE of one graph call: each expert computes at most `capacity` of the call's tokens.
+
+    `slots` is arange(capacity), a graph input whose length sets the capacity (a dynamic dimension, so one
+    graph serves every capacity). Each layer records its busiest expert's token count; where
+    one exceeds the capacity, tokens were dropped and the caller runs the call again with more slots
+    (dgrt.runtime.experts), so results never differ from computing every routed pair.
+    """
+
+    def __init__(self, slots: torch.Tensor):
+        self.slots = slots
+        self.busiest: torch.Tensor | None = None
+
+    def record(self, load: torch.Tensor) -> None:
+        """One layer's per-expert token counts [E]."""
+        top = load.max().reshape(1)
+        self.busiest = top if self.busiest is None else torch.maximum(self.busiest, top)
+
+    def load(self) -> torch.Tensor:
+        """The most tokens any expert of any layer received, [1] int64."""
+        assert self.busiest is not None, "no layer ran routed"
+        return self.busiest
 
 
 class Experts(nn.Module):
-    """All experts as 3-D weights; computed densely and mixed by the routing matrix (static shapes)."""
+    """All experts as 3-D weights, run one of two ways over the same weights and with the same result:
+
+    * dense (slots None): every expert on every token, mixed by a dense [N, E] routing matrix (static
+      shapes, no gathers; E / k times the routed work);
+    * routed: each expert gathers up to `capacity` of the tokens routed to it (TopK over the assignment
+      matrix), runs on them as one batched GEMM [E, capacity], and each token gathers its k results back.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = e
         self.intermediate = i
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate = first i rows, up = last i
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.down_input = nn.Identity()  # where quantization calibration observes the down projection's input
 
-    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        # Weights times transposed activations: batched MatMuls that read the weights as stored (no
-        # weight Transpose for a runtime to fold into a copy), and slices instead of split.
-        gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, N]
+    def _run(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own tokens: x_t [E or 1, H, T] -> [E, H, T]. Weights times transposed
+        activations: batched MatMuls that read the weights as stored (no weight Transpose for a runtime to
+        fold into a copy), and slices instead of split."""
+        gate_up = torch.matmul(self.gate_up_proj, x_t)  # [E, 2I, T]
         gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-        out = torch.matmul(self.down_proj, self.down_input(gelu_tanh(gate) * up))  # [E, H, N]
-        mixed = torch.matmul(routing[:, None, :], out.float().permute(2, 0, 1))  # [N, 1, E] @ [N, E, H]
-        return mixed.squeeze(1).to(x.dtype)
+        return torch.matmul(self.down_proj, self.down_input(gelu_tanh(gate) * up))
+
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, slots: ExpertSlots | None = None
+    ) -> torch.Tensor:
+        """x [N, H]; each token's experts [N, k] and their fp32 weights [N, k]. Mixing is in fp32."""
+        if slots is None:
+            routing = torch.zeros(x.shape[0], self.num_experts, device=x.device).scatter(-1, experts, weights)
+            out = self._run(x.t())  # [E, H, N]
+            mixed = torch.matmul(routing[:, None, :], out.float().permute(2, 0, 1))  # [N, 1, E] @ [N, E, H]
+            return mixed.squeeze(1).to(x.dtype)
+        n, capacity = x.shape[0], slots.slots.shape[0]
+        all_experts = torch.arange(self.num_experts, device=x.device)
+        assigned = (experts[:, :, None] == all_experts).any(dim=1).t()  # [E, N]
+        slots.record(assigned.sum(dim=1))
+        # Each expert's tokens first (TopK over 0/1), then tokens it does not take, whose weight is never read.
+        _, tokens = torch.topk(assigned.float(), capacity, dim=1)  # [E, capacity]
+        out = self._run(x[tokens].transpose(1, 2))  # [E, H, capacity]
+        # Where each token's result lies: the slot its expert gave it (a slot of a token the expert does not
+        # take lands on an unrouted (token, expert) pair, which no token reads).
+        slot_of = torch.zeros(self.num_experts, n, dtype=torch.int64, device=x.device)
+        slot_of = slot_of.scatter(1, tokens, slots.slots.expand(self.num_experts, -1))  # [E, N]
+        slot = slot_of.t().gather(1, experts)  # [N, k]
+        results = out.transpose(1, 2).reshape(-1, out.shape[1])[experts * capacity + slot]  # [N, k, H]
+        return (results.float() * weights[:, :, None]).sum(dim=1).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -251,9 +302,10 @@ class Layer(nn.Module):
         causal: bool,
         pad_lengths: torch.Tensor | None = None,
         history: int = 0,
+        slots: ExpertSlots | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer output, K, V) for x's tokens attending to the past keys and to each other
-        (`pad_lengths`, `history`: see attention_mask)."""
+        (`pad_lengths`, `history`: see attention_mask; `slots`: the routed MoE, else dense)."""
         h = self.input_layernorm(x)
         k, v = self.self_attn.key_value(h, cos, sin)
         mask = attention_mask(x.shape[1], past_k.shape[2], self.window, causal, x.device, pad_lengths, history)
@@ -264,7 +316,7 @@ class Layer(nn.Module):
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         # The router reads the raw residual; the experts read its pre_feedforward_layernorm_2.
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), self.router(flat))
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), *self.router(flat), slots)
         moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
         x = x + self.post_feedforward_layernorm(dense + moe)
         return x * (self.encoder_layer_scalar if causal else self.layer_scalar), k, v

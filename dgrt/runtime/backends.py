@@ -19,9 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
+from dgrt.runtime.experts import RoutedCalls, slot_ids
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -50,10 +52,10 @@ class StepOutputs:
     next_soft: torch.Tensor  # [B, C, H] model dtype
 
 
-def capture_key(batch: int, past: list[KV]) -> tuple[int, ...]:
-    """What a captured denoise step depends on besides input values: the batch, and each layer's past
-    length and address (constant over the steps of a canvas)."""
-    return (batch, *(k.shape[2] for k, _ in past), *(k.data_ptr() for k, _ in past))
+def capture_key(batch: int, past: list[KV], capacity: int = 0) -> tuple[int, ...]:
+    """What a captured denoise step depends on besides input values: the batch, each layer's past length
+    and address (constant over the steps of a canvas), and the routed experts' capacity."""
+    return (batch, capacity, *(k.shape[2] for k, _ in past), *(k.data_ptr() for k, _ in past))
 
 
 class Backend(Protocol):
@@ -77,7 +79,13 @@ class TorchBackend:
     name = "torch"
     max_batch: int | None = None
 
-    def __init__(self, model: Any, threads: int | None = None, cuda_graphs: bool = True):
+    def __init__(
+        self,
+        model: Any,
+        threads: int | None = None,
+        cuda_graphs: bool = True,
+        experts: ExpertRouting = ROUTED,
+    ):
         from dgrt.model import Denoise
 
         if threads:
@@ -85,23 +93,45 @@ class TorchBackend:
         self.model = model
         self.dtype = model.embed_tokens.weight.dtype
         self.device = model.embed_tokens.weight.device
-        self._denoise = Denoise(model)
+        self.routed = RoutedCalls(experts, model.config) if experts.routed else None
+        self._denoise = Denoise(model, routed=experts.routed)
         self._cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._captured: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]]
         self._captured = {}
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
+        from dgrt.model.layers import ExpertSlots
+
         d = self.device
-        return self.model.prefill(ids.to(d), positions.to(d), past, pad.to(d))
+        args = (ids.to(d), positions.to(d), past, pad.to(d))
+        if self.routed is None:
+            return self.model.prefill(*args)
+
+        def call(capacity: int) -> tuple[list[KV], int]:
+            slots = ExpertSlots(slot_ids(capacity, d))
+            return self.model.prefill(*args, slots), int(slots.load())
+
+        return self.routed.run(ids.numel(), call)
 
     @torch.inference_mode()
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
-        args = [t.to(self.device) for t in inputs.by_name().values()] + [t for kv in past for t in kv]
-        if self._cuda_graphs:
-            outputs = self._run_captured(capture_key(inputs.canvas_ids.shape[0], past), args)
+        named = [t.to(self.device) for t in inputs.by_name().values()]
+        cache = [t for kv in past for t in kv]
+        batch = inputs.canvas_ids.shape[0]
+
+        def call(capacity: int) -> tuple[tuple[torch.Tensor, ...], int]:
+            args = named + [slot_ids(capacity, self.device)] + cache if capacity else named + cache
+            if self._cuda_graphs:
+                outputs = self._run_captured(capture_key(batch, past, capacity), args)
+            else:
+                outputs = self._denoise(*args)
+            return outputs[:4], int(outputs[4]) if capacity else 0
+
+        if self.routed is None:
+            outputs, _ = call(0)
         else:
-            outputs = self._denoise(*args)
+            outputs = self.routed.run(inputs.canvas_ids.numel(), call)
         argmax, sample, entropy, soft = outputs
         return StepOutputs(argmax.cpu(), sample.cpu(), entropy.cpu(), soft.clone() if self._cuda_graphs else soft)
 
@@ -201,6 +231,19 @@ class OnnxRuntimeBackend:
         self._bindings = {name: s.io_binding() for name, s in self.sessions.items()}
         self._soft: list[torch.Tensor] = []  # two buffers the self-conditioning embeddings ping-pong between
         self._outputs: dict[str, torch.Tensor] = {}
+        self.routed = RoutedCalls(manifest.experts, manifest.config) if manifest.experts.routed else None
+        self._load = torch.zeros(1, dtype=torch.int64, device=self.device)  # a routed call's expert_load
+
+    def _routed_run(self, tokens: int, run: Any) -> Any:
+        """run(named extra inputs) -> result, once (dense) or at a capacity that fits (routed)."""
+        if self.routed is None:
+            return run({})
+
+        def call(capacity: int) -> tuple[Any, int]:
+            result = run({"expert_slots": slot_ids(capacity, self.device)})
+            return result, int(self._load[0])
+
+        return self.routed.run(tokens, call)
 
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         """Bind a contiguous tensor by address, where it lives (host or GPU)."""
@@ -224,17 +267,23 @@ class OnnxRuntimeBackend:
         return binding
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
-        binding = self._bind_inputs("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
         b, s = ids.shape
         new = [
             torch.empty(b, k.shape[1], s, k.shape[3], dtype=self.dtype, device=self.device)  # the new tokens' K/V
             for k, _ in past
             for _ in range(2)
         ]
-        for spec, tensor in zip(self.specs["prefill"].outputs, new, strict=True):
-            self._bind(binding, spec.name, tensor, output=True)
-        self.sessions["prefill"].run_with_iobinding(binding)
-        return [(new[i], new[i + 1]) for i in range(0, len(new), 2)]
+
+        def run(extra: dict[str, torch.Tensor]) -> list[KV]:
+            named = {"input_ids": ids, "position_ids": positions, "pad_lengths": pad} | extra
+            binding = self._bind_inputs("prefill", named, past)
+            tensors = new + ([self._load] if extra else [])
+            for spec, tensor in zip(self.specs["prefill"].outputs, tensors, strict=True):
+                self._bind(binding, spec.name, tensor, output=True)
+            self.sessions["prefill"].run_with_iobinding(binding)
+            return [(new[i], new[i + 1]) for i in range(0, len(new), 2)]
+
+        return self._routed_run(ids.numel(), run)
 
     def _output_buffers(self, batch: int, canvas: int, hidden: int) -> dict[str, torch.Tensor]:
         """Allocated once per batch shape; every step overwrites them (callers copy what they keep)."""
@@ -254,10 +303,16 @@ class OnnxRuntimeBackend:
         outputs = self._output_buffers(*soft.shape)
         # Write the next soft embeddings into whichever ping-pong buffer is not this step's input.
         next_soft = self._soft[1] if soft.data_ptr() == self._soft[0].data_ptr() else self._soft[0]
-        binding = self._bind_inputs("denoise", inputs.by_name(), past)
-        for name, tensor in (*outputs.items(), ("next_soft_embeds", next_soft)):
-            self._bind(binding, name, tensor, output=True)
-        self.sessions["denoise"].run_with_iobinding(binding)
+
+        def run(extra: dict[str, torch.Tensor]) -> None:
+            binding = self._bind_inputs("denoise", inputs.by_name() | extra, past)
+            for name, tensor in (*outputs.items(), ("next_soft_embeds", next_soft)):
+                self._bind(binding, name, tensor, output=True)
+            if extra:
+                self._bind(binding, "expert_load", self._load, output=True)
+            self.sessions["denoise"].run_with_iobinding(binding)
+
+        self._routed_run(inputs.canvas_ids.numel(), run)
         host = {name: t.cpu() for name, t in outputs.items()}  # the sampler's [B, C] results (no copy on a CPU)
         return StepOutputs(host["argmax"], host["sample"], host["entropy"], next_soft)
 

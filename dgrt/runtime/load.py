@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from dgrt.config import ModelConfig, read_generation_config
+from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.io_spec import DTYPES, torch_dtype
 from dgrt.contract.manifest import Manifest, default_prefill_chunk
 from dgrt.errors import DgrtError
@@ -31,6 +33,7 @@ def load(
     dtype: str | None = None,
     verify: bool = True,
     providers: Sequence[str] | None = None,
+    capacity_factor: float | None = None,
 ) -> Generator:
     """Load a model for generation.
 
@@ -42,7 +45,9 @@ def load(
     providers (onnxruntime): its execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]
     (default CPU). device, dtype (torch): e.g. "cuda" and "bf16" for the GPU path (the denoise step then
     runs as a captured CUDA graph). verify (exports): check weights.bin against the manifest's sha256
-    (hashed once, then cached by size, mtime and inode); False skips it with a warning.
+    (hashed once, then cached by size, mtime and inode); False skips it with a warning. capacity_factor
+    (routed MoE): each expert's slots per call as a multiple of its mean load, instead of the export's
+    (more: fewer calls run again after an overflow; fewer: less work per call).
     """
     path = Path(path)
     name, custom = (backend, None) if isinstance(backend, str) or backend is None else (None, backend)
@@ -58,11 +63,17 @@ def load(
         raise DgrtError(f"device and dtype choose where the torch backend runs; the {name} backend has its own.")
     if providers is not None and name not in (None, "onnxruntime"):
         raise DgrtError(f"providers choose where ONNX Runtime runs; the {name} backend has its own.")
+    if capacity_factor is not None and (isinstance(capacity_factor, bool) or not capacity_factor > 0):
+        raise DgrtError(f"capacity_factor is {capacity_factor!r}, expected a number > 0.")
     torch_options = {"device": device or "cpu", "dtype": torch_dtype(dtype) if dtype else None}
     if (path / "manifest.json").exists():
         from dgrt.contract import manifest as manifest_mod
 
         manifest = manifest_mod.load(path, verify=verify)
+        if capacity_factor is not None:
+            if not manifest.experts.routed:
+                raise DgrtError(f"{path}: its MoE is dense; capacity_factor applies to routed exports only.")
+            manifest = replace(manifest, experts=replace(manifest.experts, capacity_factor=capacity_factor))
         cfg, max_context, chunk = manifest.config, manifest.max_context, manifest.prefill_chunk
         name = name or ("torch" if device or dtype else "onnxruntime")
         runner = custom or _export_backend(path, manifest, name, threads, prepack, providers, torch_options)
@@ -74,7 +85,12 @@ def load(
         ckpt = Checkpoint.open(path)
         cfg, max_context = ckpt.config, ckpt.config.max_position_embeddings
         chunk = default_prefill_chunk(max_context)
-        runner = custom or _torch_backend(load_model(ckpt), threads, torch_options)
+        runner = custom or _torch_backend(
+            load_model(ckpt),
+            threads,
+            torch_options,
+            replace(ROUTED, capacity_factor=capacity_factor or ROUTED.capacity_factor),
+        )
     else:
         raise DgrtError(f"{path}: neither an export directory (manifest.json) nor a checkpoint folder (config.json).")
     return Generator(
@@ -103,7 +119,7 @@ def _info(cfg: ModelConfig, max_context: int, prefill_chunk: int) -> ModelInfo:
     )
 
 
-def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> TorchBackend:
+def _torch_backend(model: Any, threads: int | None, options: dict[str, Any], experts: ExpertRouting) -> TorchBackend:
     if options["device"].startswith("cuda") and not torch.cuda.is_available():
         raise DgrtError(f"device {options['device']!r} asked for, but torch sees no CUDA GPU.")
     device, dtype = options["device"], options["dtype"]
@@ -111,7 +127,8 @@ def _torch_backend(model: Any, threads: int | None, options: dict[str, Any]) -> 
     # fp32 export loaded as bf16 would otherwise land on the GPU at twice its final size first).
     for param in model.parameters():
         param.data = param.data.to(device=device, dtype=dtype or param.dtype)
-    return TorchBackend(model.to(device=device), threads)  # buffers: RoPE frequencies stay fp32, as in transformers
+    # buffers: RoPE frequencies stay fp32, as in transformers
+    return TorchBackend(model.to(device=device), threads, experts=experts)
 
 
 def _export_backend(
@@ -129,7 +146,7 @@ def _export_backend(
         from dgrt.tensorrt.backend import TensorRTBackend
 
         return TensorRTBackend(path, manifest)
-    return _torch_backend(_model_from_export(path, manifest), threads, torch_options)
+    return _torch_backend(_model_from_export(path, manifest), threads, torch_options, manifest.experts)
 
 
 def _model_from_export(path: Path, manifest: Manifest) -> Any:

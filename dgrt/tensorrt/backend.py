@@ -19,20 +19,25 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError, DgrtWarning
+from dgrt.exporter.lint import TOPK_MAX_K
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
+from dgrt.runtime.experts import RoutedCalls, slot_ids
 from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
 from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest, outside_profile, profiles
 
 if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
     import tensorrt as trt
+
+T = TypeVar("T")
 
 
 def find_engines(export_dir: Path, manifest: Manifest, trt_version: str, gpu: str) -> Path:
@@ -111,6 +116,20 @@ class TensorRTBackend:
             for g in GRAPHS
         }
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph | None] = {}  # None: runs uncaptured
+        routing = manifest.experts
+        self.routed = RoutedCalls(routing, manifest.config, TOPK_MAX_K) if routing.routed else None
+
+    def _routed_run(self, graph: str, tokens: int, run: Callable[[dict[str, torch.Tensor]], T]) -> T:
+        """run(extra inputs) once (dense), or at a capacity that fits (routed: the graph's expert_load is
+        read after each run)."""
+        if self.routed is None:
+            return run({})
+
+        def call(capacity: int) -> tuple[T, int]:
+            result = run({"expert_slots": slot_ids(capacity)})
+            return result, int(self._view(graph, "expert_load", (1,))[0])
+
+        return self.routed.run(tokens, call)
 
     def _view(self, graph: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return self.buffers[graph][name][: int(torch.Size(shape).numel())].view(shape)
@@ -146,29 +165,36 @@ class TensorRTBackend:
         return [self._view(graph, s.name, _shape(context.get_tensor_shape(s.name))) for s in self.specs[graph].outputs]
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
-        self.stream.wait_stream(torch.cuda.current_stream())  # the cache's last append
-        with torch.cuda.stream(self.stream):
-            self._bind("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad}, past)
-            self._execute("prefill")
-        self.stream.synchronize()
-        out = self._outputs("prefill")
-        return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
+        def run(extra: dict[str, torch.Tensor]) -> list[KV]:
+            self.stream.wait_stream(torch.cuda.current_stream())  # the cache's last append
+            with torch.cuda.stream(self.stream):
+                self._bind("prefill", {"input_ids": ids, "position_ids": positions, "pad_lengths": pad} | extra, past)
+                self._execute("prefill")
+            self.stream.synchronize()
+            out = self._outputs("prefill")
+            return [(out[i], out[i + 1]) for i in range(0, 2 * len(past), 2)]
+
+        return self._routed_run("prefill", ids.numel(), run)
 
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:
-        key = capture_key(inputs.canvas_ids.shape[0], past)
-        self.stream.wait_stream(torch.cuda.current_stream())  # the cache's append, the soft embeddings' copy
-        with torch.cuda.stream(self.stream):
-            self._bind("denoise", inputs.by_name(), past)
-            if key not in self._graphs:
-                # The first step with these shapes runs directly (TensorRT sets itself up for them), and is
-                # captured; later steps of the canvas replay the capture.
-                self._execute("denoise")
-                self._graphs = {key: self._capture()}  # one canvas at a time: drop earlier captures
-            elif (graph := self._graphs[key]) is not None:
-                graph.replay()
-            else:
-                self._execute("denoise")
-        self.stream.synchronize()
+        def run(extra: dict[str, torch.Tensor]) -> None:
+            capacity = extra["expert_slots"].numel() if extra else 0
+            key = capture_key(inputs.canvas_ids.shape[0], past, capacity)
+            self.stream.wait_stream(torch.cuda.current_stream())  # the cache's append, the soft embeddings' copy
+            with torch.cuda.stream(self.stream):
+                self._bind("denoise", inputs.by_name() | extra, past)
+                if key not in self._graphs:
+                    # The first step with these shapes runs directly (TensorRT sets itself up for them), and
+                    # is captured; later steps of the canvas replay the capture.
+                    self._execute("denoise")
+                    self._graphs = {key: self._capture()}  # one canvas at a time: drop earlier captures
+                elif (graph := self._graphs[key]) is not None:
+                    graph.replay()
+                else:
+                    self._execute("denoise")
+            self.stream.synchronize()
+
+        self._routed_run("denoise", inputs.canvas_ids.numel(), run)
         argmax, sample, entropy, soft = self._outputs("denoise")[:4]
         # Small [B, C] results go to the host for the sampler; the soft embeddings stay on the GPU (they are
         # the next step's input: a copy out of this buffer happens before the next step overwrites it).

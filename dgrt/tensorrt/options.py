@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
+from dgrt.exporter.lint import TOPK_MAX_K
 
 # First TensorRT version whose ONNX parser takes each precision's Q/DQ (research/onnx_trt.md §2.3).
 MIN_VERSION = {"fp32": (10, 0), "fp16": (10, 0), "bf16": (10, 0), "int4": (10, 0), "fp8": (10, 6)}
@@ -99,18 +100,26 @@ def dim_ranges(manifest: Manifest, graph: str, options: BuildOptions) -> dict[st
     Prefill takes up to the export's prefill chunk of new tokens (the runtime prefills longer prompts in
     chunks; opt: one canvas, the length it runs most); a past may be empty. The denoise graph's past
     leaves room for its canvas. Sliding layers' pasts never exceed
-    sliding_window - 1 tokens (the runtime keeps no more).
+    sliding_window - 1 tokens (the runtime keeps no more). A routed MoE's capacity goes up to every token of
+    the call (the runtime's redo after an overflow), within TensorRT's TopK limit; opt: one row's default.
     """
     assert options.max_context is not None and options.opt_context is not None  # see BuildOptions.checked
     canvas, window = manifest.canvas_length, manifest.config.sliding_window
     past_max = options.max_context - (canvas if graph == "denoise" else 1)
     opt = min(options.opt_context, past_max)
     chunk = min(manifest.prefill_chunk, options.max_context)
+    row_tokens = canvas if graph == "denoise" else chunk
+    opt_tokens = canvas if graph == "denoise" else min(canvas, chunk)
     return {
         "batch": (1, 1, options.max_batch),
         "seq": (1, min(canvas, chunk), chunk),
         "past_full": (0, opt, past_max),
         "past_sliding": (0, min(opt, window - 1, past_max), min(window - 1, past_max)),
+        "expert_capacity": (
+            1,
+            manifest.experts.capacity(manifest.config, opt_tokens),
+            min(options.max_batch * row_tokens, TOPK_MAX_K),
+        ),
     }
 
 
