@@ -45,6 +45,9 @@ def test_an_overflowing_call_runs_again_with_more_slots() -> None:
     calls = RoutedCalls(ExpertRouting(), cfg)
     assert calls.run(64, call) == "at 64"  # 32 slots overflow; at least doubled: 64
     assert tried == [32, 64] and (calls.calls, calls.redos) == (1, 1)
+    assert calls.run(64, call) == "at 40"  # the next call of 64 tokens starts at the load seen (40)
+    assert tried[2:] == [40] and (calls.calls, calls.redos) == (2, 1)
+    assert calls.run(16, lambda capacity: (capacity, 12)) == 16  # other token counts start afresh: 8, then 16
     with pytest.raises(DgrtError, match="an expert was routed 40 of a call's 64 tokens, more than the 36"):
         RoutedCalls(ExpertRouting(), cfg, max_capacity=36).run(64, call)
 
@@ -102,7 +105,8 @@ def test_a_forced_router_overflows_every_call_and_still_generates_what_dense_doe
     routed = dgrt.load(forced, backend=routed_backend).generate(PROMPTS, **FAST)
     assert routed.tokens == dense.tokens
     calls = routed_backend.routed
-    assert calls is not None and calls.redos == calls.calls > 0  # every call overflowed its default capacity once
+    # Each token count overflows its default capacity once, then starts at the load it saw.
+    assert calls is not None and 0 < calls.redos < calls.calls
 
 
 def test_an_export_generates_the_same_tokens_whatever_the_capacity(exports: dict[str, Path]) -> None:

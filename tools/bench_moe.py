@@ -51,8 +51,8 @@ def block(cfg: ModelConfig, checkpoint: Path | None) -> tuple[Router, Experts]:
 
 
 def loads(checkpoint: Path, tokens: int, prompts: int) -> list[list[int]]:
-    """Busiest expert per layer and prompt: the slice's routers on its own hidden states (prefill of
-    random token ids through every layer, routed with every token as capacity so nothing is dropped)."""
+    """Busiest expert per layer and canvas: the slice's routers on its own hidden states (a denoise pass
+    over random token ids through every layer, routed with every token as capacity so nothing is dropped)."""
     from dgrt.checkpoint import load_model
 
     model = load_model(checkpoint).float()
@@ -67,7 +67,9 @@ def loads(checkpoint: Path, tokens: int, prompts: int) -> list[list[int]]:
     with torch.inference_mode():
         for _ in range(prompts):
             ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen)
-            model.prefill(ids, torch.arange(tokens)[None], model.empty_past(1), None, ExpertSlots(slot_ids(tokens)))
+            soft = torch.zeros(1, tokens, model.config.hidden_size)
+            slots = ExpertSlots(slot_ids(tokens))
+            model.denoise_hidden(ids, soft, torch.arange(tokens)[None], model.empty_past(1), None, slots)
     for h in hooks:
         h.remove()
     return out

@@ -6,8 +6,9 @@ After a prompt of `--prompt` random tokens is prefilled, each side times one den
 random tokens, one warm-up then `--runs` timed runs, medians and ranges:
 * each export (e.g. one routed and one dense), on ONNX Runtime's CPU provider, through dgrt's backend:
   the step's graph includes the LM head, the sampler's draw and entropy and the next soft embeddings;
-* transformers (fp32): the decoder's forward and what its sampler does with the logits per step (softmax
-  at a temperature, a multinomial draw and the entropy), without self-conditioning's extra product.
+* transformers (fp32): the decoder's forward with self-conditioning logits (as on every step of a canvas
+  but its first) and what its sampler does with the logits per step (softmax at a temperature, a
+  multinomial draw and the entropy).
 Each side runs in its own process (a real-width slice's weights fit once in memory, not three times) with
 the same thread count, one after the other, so one does not slow another.
 """
@@ -75,16 +76,18 @@ def run_reference(checkpoint: str, prompt: int, runs: int, threads: int) -> dict
         ids = torch.randint(0, vocab, (1, prompt), generator=gen)
         hf.model.encoder(input_ids=ids, past_key_values=cache, position_ids=torch.arange(prompt)[None])
         canvas = torch.randint(0, vocab, (1, c), generator=gen)
+        # A step after the canvas's first: the previous step's logits / temperature condition this one.
+        conditioning = torch.randn(1, c, vocab, generator=gen)
 
         def step() -> None:
-            logits = hf(decoder_input_ids=canvas, past_key_values=cache,
+            logits = hf(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=conditioning,
                         decoder_position_ids=torch.arange(prompt, prompt + c)[None]).logits  # fmt: skip
             probs = torch.softmax(logits.float() / 0.8, dim=-1)
             torch.multinomial(probs.reshape(-1, vocab), 1)
             torch.distributions.Categorical(probs=probs).entropy()
 
         times = timed_runs(step, runs)
-    return {"side": "transformers (forward + softmax, multinomial, entropy)", "step_s": times,
+    return {"side": "transformers (self-conditioned forward + softmax, multinomial, entropy)", "step_s": times,
             "peak_rss_gb": peak_rss_bytes() / 2**30}  # fmt: skip
 
 

@@ -231,6 +231,7 @@ class OnnxRuntimeBackend:
         self._bindings = {name: s.io_binding() for name, s in self.sessions.items()}
         self._soft: list[torch.Tensor] = []  # two buffers the self-conditioning embeddings ping-pong between
         self._outputs: dict[str, torch.Tensor] = {}
+        self._bound: dict[str, dict[str, torch.Tensor]] = {}
         self.routed = RoutedCalls(manifest.experts, manifest.config) if manifest.experts.routed else None
         self._load = torch.zeros(1, dtype=torch.int64, device=self.device)  # a routed call's expert_load
 
@@ -255,6 +256,7 @@ class OnnxRuntimeBackend:
 
     def _bind_inputs(self, graph: str, named: dict[str, torch.Tensor], past: list[KV]) -> Any:
         binding = self._bindings[graph]
+        self._bound[graph] = named  # a binding holds addresses: keep its tensors alive until the next bind
         for spec in self.specs[graph].inputs:
             if spec.layer is not None:
                 k, v = past[spec.layer]

@@ -3,6 +3,7 @@ slots for is run again with more, so a routed export gives what the dense comput
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -16,7 +17,16 @@ T = TypeVar("T")
 
 
 class RoutedCalls:
-    """One backend's routed calls: picks each call's capacity, redoes overflowed calls, and counts them."""
+    """One backend's routed calls: picks each call's capacity, redoes overflowed calls, and counts them.
+
+    A call starts at the export's capacity for its token count, or at the busiest load of the last
+    RECENT calls with that count if higher: the capacity follows the router. (A redo repeats the whole
+    call, so a capacity that overflows often costs more than a few more slots: with uniform routing over
+    30 layers of 128 experts top-8, a 256-token canvas overflows 32 slots in about a third of the steps
+    and 40 in almost none; see docs/measurements.md, "Routed experts".)
+    """
+
+    RECENT = 8
 
     def __init__(self, routing: ExpertRouting, cfg: ModelConfig, max_capacity: int | None = None):
         """max_capacity: the most slots the backend takes (TensorRT's TopK: 3840), else no limit."""
@@ -25,16 +35,19 @@ class RoutedCalls:
         self.max_capacity = max_capacity
         self.calls = 0
         self.redos = 0
+        self._loads: dict[int, deque[int]] = {}  # token count -> the busiest loads of its last calls
 
     def run(self, tokens: int, call: Callable[[int], tuple[T, int]]) -> T:
         """call(capacity) -> (result, busiest expert's load). The capacity grows to the load seen (at
         least doubling) until nothing overflowed; `tokens` slots never overflow."""
         limit = min(tokens, self.max_capacity or tokens)
-        capacity = min(self.routing.capacity(self.cfg, tokens), limit)
+        recent = self._loads.setdefault(tokens, deque(maxlen=self.RECENT))
+        capacity = min(max(self.routing.capacity(self.cfg, tokens), _round_up(max(recent, default=0))), limit)
         self.calls += 1
         while True:
             result, load = call(capacity)
             if load <= capacity:
+                recent.append(load)
                 return result
             if capacity == limit:
                 raise DgrtError(
@@ -43,8 +56,11 @@ class RoutedCalls:
                 )
             self.redos += 1
             # A layer after the first overflow saw wrong inputs, so its load may be off: grow at least 2x.
-            grown = -(-max(load, 2 * capacity) // SLOT_MULTIPLE) * SLOT_MULTIPLE
-            capacity = min(limit, grown)
+            capacity = min(limit, _round_up(max(load, 2 * capacity)))
+
+
+def _round_up(n: int) -> int:
+    return -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
 def slot_ids(capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
