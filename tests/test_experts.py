@@ -117,6 +117,8 @@ def test_an_export_generates_the_same_tokens_whatever_the_capacity(exports: dict
     assert tight.generate(PROMPTS, **FAST).tokens == full.tokens
     calls = tight.backend.routed
     assert calls is not None and 0 < calls.redos <= calls.calls
+    with pytest.raises(DgrtError, match="capacity_factor is 0, expected a number > 0"):
+        dgrt.load(exports["narrow"], capacity_factor=0)
 
 
 def test_the_manifest_says_how_experts_are_computed(exports: dict[str, Path]) -> None:

@@ -275,6 +275,8 @@ def test_fp16_export_runs_on_onnx_runtime_and_stays_finite(fp16_export: Path, tw
         ("copy", ["export", "{ckpt}", "-o", "{out}", "--opset", "30"], "unsupported opset 30"),
         ("copy", ["export", "{ckpt}", "-o", "{out}", "--head-chunk", "17"], "from 1 to the canvas length (16)"),
         ("copy", ["export", "{ckpt}", "-o", "{out}", "--prefill-chunk", "0"], "from 1 to the max context"),
+        ("copy", ["export", "{ckpt}", "-o", "{out}", "--expert-capacity-factor", "0"], "and a factor > 0"),
+        ("copy", ["export", "{ckpt}", "-o", "{out}", "--moe", "sparse"], "invalid choice: 'sparse'"),
         ("existing", ["export", "{ckpt}", "-o", "{out}"], "already exists"),
     ],
 )
@@ -308,16 +310,18 @@ def test_bf16_export_from_the_command_line(
     cli: Cli, tmp_path: Path, two_layer_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 graphs are valid and lint clean (ONNX Runtime CPU has no bf16 MatMul to run them). Exported as
-    on a one-CPU machine: both graphs traced in this process, one after the other."""
+    on a one-CPU machine (both graphs traced in this process, one after the other) with the dense MoE, the
+    formulation the other exports do not use."""
     monkeypatch.setattr(tracing, "_cpus", lambda: 1)
-    r = cli("export", str(two_layer_ckpt), "-o", str(tmp_path / "out"), "--dtype", "bf16")
+    r = cli("export", str(two_layer_ckpt), "-o", str(tmp_path / "out"), "--dtype", "bf16", "--moe", "dense")
     assert r.returncode == 0, r.stderr
-    assert "weights.bin" in r.stdout and "lint passed" in r.stdout
+    assert "weights.bin" in r.stdout and "lint passed" in r.stdout and "dense MoE" in r.stdout
     for name in ("prefill", "denoise"):
         onnx.checker.check_model(str(tmp_path / "out" / f"{name}.onnx"), full_check=True)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     soft = next(t for t in manifest["graphs"]["denoise"]["inputs"] if t["name"] == "soft_embeds")
     assert manifest["dtype"] == "bf16" and soft["dtype"] == "bfloat16"
+    assert manifest["experts"]["formulation"] == "dense" and "expert_slots" not in json.dumps(manifest["graphs"])
     assert manifest["weights"]["bytes"] < 0.6 * Checkpoint.open(two_layer_ckpt).weight_bytes  # 2 bytes a weight
     r = cli("lint", str(tmp_path / "out"))
     assert r.returncode == 0 and "denoise: opset 21" in r.stdout
