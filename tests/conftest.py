@@ -123,6 +123,14 @@ def two_layer_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def one_layer_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset cut to a single full layer: the cheapest export, for tests of the denoise graph's
+    head and of export options (its prefill graph computes only that layer's K/V)."""
+    cfg = variant_config(num_hidden_layers=1, layer_types=[FULL])
+    return write_checkpoint(tmp_path_factory.mktemp("one-layer") / "ckpt", cfg, seed=4, tag="one-layer")
+
+
+@pytest.fixture(scope="session")
 def fp16_export(tmp_path_factory: pytest.TempPathFactory, two_layer_ckpt: Path) -> Path:
     out = tmp_path_factory.mktemp("fp16") / "export"
     export(two_layer_ckpt, out, ExportOptions(dtype="fp16"))

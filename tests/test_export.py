@@ -307,13 +307,13 @@ def test_bad_input_one_error_line_nothing_half_written(
 
 
 def test_bf16_export_from_the_command_line(
-    cli: Cli, tmp_path: Path, two_layer_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+    cli: Cli, tmp_path: Path, one_layer_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 graphs are valid and lint clean (ONNX Runtime CPU has no bf16 MatMul to run them). Exported as
     on a one-CPU machine (both graphs traced in this process, one after the other) with the dense MoE, the
     formulation the other exports do not use."""
     monkeypatch.setattr(tracing, "_cpus", lambda: 1)
-    r = cli("export", str(two_layer_ckpt), "-o", str(tmp_path / "out"), "--dtype", "bf16", "--moe", "dense")
+    r = cli("export", str(one_layer_ckpt), "-o", str(tmp_path / "out"), "--dtype", "bf16", "--moe", "dense")
     assert r.returncode == 0, r.stderr
     assert "weights.bin" in r.stdout and "lint passed" in r.stdout and "dense MoE" in r.stdout
     for name in ("prefill", "denoise"):
@@ -322,7 +322,7 @@ def test_bf16_export_from_the_command_line(
     soft = next(t for t in manifest["graphs"]["denoise"]["inputs"] if t["name"] == "soft_embeds")
     assert manifest["dtype"] == "bf16" and soft["dtype"] == "bfloat16"
     assert manifest["experts"]["formulation"] == "dense" and "expert_slots" not in json.dumps(manifest["graphs"])
-    assert manifest["weights"]["bytes"] < 0.6 * Checkpoint.open(two_layer_ckpt).weight_bytes  # 2 bytes a weight
+    assert manifest["weights"]["bytes"] < 0.6 * Checkpoint.open(one_layer_ckpt).weight_bytes  # 2 bytes a weight
     r = cli("lint", str(tmp_path / "out"))
     assert r.returncode == 0 and "denoise: opset 21" in r.stdout
 
@@ -333,15 +333,15 @@ def test_export_rejects_a_max_context_below_the_canvas(tmp_path: Path, tiny_ckpt
 
 
 @torch.inference_mode()
-def test_the_vocabulary_sized_work_in_chunks_gives_the_same_step(tmp_path: Path, two_layer_ckpt: Path) -> None:
+def test_the_vocabulary_sized_work_in_chunks_gives_the_same_step(tmp_path: Path, one_layer_ckpt: Path) -> None:
     """--head-chunk 5 over a canvas of 16: the LM head, sampler and next soft embeddings run in four chunks
     (a fourth of the memory at 16, an eighth at the real canvas with the fp32 default), with the step outputs
     of the whole canvas at once; validate still finds the logits, the chunks' concatenated."""
-    manifest = export(two_layer_ckpt, tmp_path / "out", ExportOptions(head_chunk=5)).manifest
+    manifest = export(one_layer_ckpt, tmp_path / "out", ExportOptions(head_chunk=5)).manifest
     graph = onnx.load(str(tmp_path / "out" / "denoise.onnx"), load_external_data=False)
     assert sum(node.op_type == "LogSoftmax" for node in graph.graph.node) == 4
     assert "logits" not in [o.name for o in graph.graph.output]
-    model, graphs = load_model(two_layer_ckpt), OrtGraphs(tmp_path / "out")
+    model, graphs = load_model(one_layer_ckpt), OrtGraphs(tmp_path / "out")
     cfg, gen = model.config, torch.Generator().manual_seed(0)
     c, p = cfg.canvas_length, 11
     past = model.prefill(

@@ -208,8 +208,10 @@ class ExpertSlots:
         self.busiest = top if self.busiest is None else torch.maximum(self.busiest, top)
 
     def load(self) -> torch.Tensor:
-        """The most tokens any expert of any layer received, [1] int64."""
-        assert self.busiest is not None, "no layer ran routed"
+        """The most tokens any expert of any layer received, [1] int64 (0 where no layer ran its experts: a
+        one-layer model's prefill computes only the layer's K/V)."""
+        if self.busiest is None:
+            return torch.zeros(1, dtype=torch.int64, device=self.slots.device)
         return self.busiest
 
 
