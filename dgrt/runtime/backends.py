@@ -12,9 +12,10 @@ take host tensors for the small inputs and return the [batch, canvas] results on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -23,9 +24,10 @@ from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.runtime.experts import RoutedCalls, slot_ids
+from dgrt.runtime.experts import RoutedCalls, run_with_slots, slot_ids
 
 KV = tuple[torch.Tensor, torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -235,16 +237,8 @@ class OnnxRuntimeBackend:
         self.routed = RoutedCalls(manifest.experts, manifest.config) if manifest.experts.routed else None
         self._load = torch.zeros(1, dtype=torch.int64, device=self.device)  # a routed call's expert_load
 
-    def _routed_run(self, tokens: int, run: Any) -> Any:
-        """run(named extra inputs) -> result, once (dense) or at a capacity that fits (routed)."""
-        if self.routed is None:
-            return run({})
-
-        def call(capacity: int) -> tuple[Any, int]:
-            result = run({"expert_slots": slot_ids(capacity, self.device)})
-            return result, int(self._load[0])
-
-        return self.routed.run(tokens, call)
+    def _routed_run(self, tokens: int, run: Callable[[dict[str, torch.Tensor]], T]) -> T:
+        return run_with_slots(self.routed, tokens, run, lambda: int(self._load[0]), self.device)
 
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         """Bind a contiguous tensor by address, where it lives (host or GPU)."""

@@ -63,6 +63,25 @@ def _round_up(n: int) -> int:
     return -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
+def run_with_slots(
+    calls: RoutedCalls | None,
+    tokens: int,
+    run: Callable[[dict[str, torch.Tensor]], T],
+    load: Callable[[], int],
+    device: torch.device | str = "cpu",
+) -> T:
+    """run(extra graph inputs) once for a dense export (calls None); for a routed one with `expert_slots` at
+    a capacity that fits, reading the call's expert_load with load() after each run."""
+    if calls is None:
+        return run({})
+
+    def call(capacity: int) -> tuple[T, int]:
+        result = run({"expert_slots": slot_ids(capacity, device)})
+        return result, load()
+
+    return calls.run(tokens, call)
+
+
 def slot_ids(capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The expert_slots input of a routed graph: arange(capacity), int64."""
     return torch.arange(capacity, dtype=torch.int64, device=device)

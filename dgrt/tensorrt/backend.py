@@ -30,7 +30,7 @@ from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError, DgrtWarning
 from dgrt.exporter.lint import TOPK_MAX_K
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
-from dgrt.runtime.experts import RoutedCalls, slot_ids
+from dgrt.runtime.experts import RoutedCalls, run_with_slots
 from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
 from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest, outside_profile, profiles
 
@@ -120,16 +120,8 @@ class TensorRTBackend:
         self.routed = RoutedCalls(routing, manifest.config, TOPK_MAX_K) if routing.routed else None
 
     def _routed_run(self, graph: str, tokens: int, run: Callable[[dict[str, torch.Tensor]], T]) -> T:
-        """run(extra inputs) once (dense), or at a capacity that fits (routed: the graph's expert_load is
-        read after each run)."""
-        if self.routed is None:
-            return run({})
-
-        def call(capacity: int) -> tuple[T, int]:
-            result = run({"expert_slots": slot_ids(capacity)})
-            return result, int(self._view(graph, "expert_load", (1,))[0])
-
-        return self.routed.run(tokens, call)
+        # The slots go to the device with the other host inputs (_bind copies them into its buffer).
+        return run_with_slots(self.routed, tokens, run, lambda: int(self._view(graph, "expert_load", (1,))[0]))
 
     def _view(self, graph: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return self.buffers[graph][name][: int(torch.Size(shape).numel())].view(shape)
