@@ -31,7 +31,7 @@ from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.runtime.backends import KV, Backend, DenoiseInputs, OnnxRuntimeBackend, StepOutputs, TorchBackend
-from dgrt.runtime.experts import RoutedCalls, slot_ids
+from dgrt.runtime.experts import RoutedCalls, run_modules, slot_ids
 from dgrt.runtime.generator import ModelInfo
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.sampler import SamplerConfig, accept, sample_from_uniform
@@ -294,20 +294,11 @@ class TeacherForcing:
 
 def torch_logits(model: Any, experts: ExpertRouting = ROUTED) -> LogitsFn:
     """dgrt's modules' denoise logits for a step's inputs, with their MoE run as `experts` says."""
-    from dgrt.model.layers import ExpertSlots
-
-    routed = RoutedCalls(experts, model.config)
+    routed = RoutedCalls(experts, model.config) if experts.routed else None
 
     def run(inputs: DenoiseInputs, past: list[KV]) -> torch.Tensor:
         args = (inputs.canvas_ids, inputs.soft_embeds, inputs.position_ids, past, inputs.pad_lengths)
-        if not experts.routed:
-            return model.denoise(*args)
-
-        def call(capacity: int) -> tuple[torch.Tensor, int]:
-            slots = ExpertSlots(slot_ids(capacity))
-            return model.denoise(*args, slots), int(slots.load())
-
-        return routed.run(inputs.canvas_ids.numel(), call)
+        return run_modules(routed, inputs.canvas_ids.numel(), lambda slots: model.denoise(*args, slots))
 
     return run
 

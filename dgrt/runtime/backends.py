@@ -24,7 +24,7 @@ from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
-from dgrt.runtime.experts import RoutedCalls, run_with_slots, slot_ids
+from dgrt.runtime.experts import RoutedCalls, run_modules, run_with_slots, slot_ids
 
 KV = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -103,18 +103,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
-        from dgrt.model.layers import ExpertSlots
-
         d = self.device
         args = (ids.to(d), positions.to(d), past, pad.to(d))
-        if self.routed is None:
-            return self.model.prefill(*args)
-
-        def call(capacity: int) -> tuple[list[KV], int]:
-            slots = ExpertSlots(slot_ids(capacity, d))
-            return self.model.prefill(*args, slots), int(slots.load())
-
-        return self.routed.run(ids.numel(), call)
+        return run_modules(self.routed, ids.numel(), lambda slots: self.model.prefill(*args, slots), d)
 
     @torch.inference_mode()
     def denoise(self, inputs: DenoiseInputs, past: list[KV]) -> StepOutputs:

@@ -12,6 +12,7 @@ import torch
 from dgrt.config import ModelConfig
 from dgrt.contract.experts import SLOT_MULTIPLE, ExpertRouting
 from dgrt.errors import DgrtError
+from dgrt.model.layers import ExpertSlots
 
 T = TypeVar("T")
 
@@ -78,6 +79,21 @@ def run_with_slots(
     def call(capacity: int) -> tuple[T, int]:
         result = run({"expert_slots": slot_ids(capacity, device)})
         return result, load()
+
+    return calls.run(tokens, call)
+
+
+def run_modules(
+    calls: RoutedCalls | None, tokens: int, run: Callable[[ExpertSlots | None], T], device: torch.device | str = "cpu"
+) -> T:
+    """run(slots) of dgrt's torch modules: once with None (dense) where calls is None, else with the slots of a
+    capacity that fits (the modules record the load in them)."""
+    if calls is None:
+        return run(None)
+
+    def call(capacity: int) -> tuple[T, int]:
+        slots = ExpertSlots(slot_ids(capacity, device))
+        return run(slots), int(slots.load())
 
     return calls.run(tokens, call)
 
