@@ -24,7 +24,7 @@ from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES
 from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK, Manifest
 from dgrt.errors import DgrtError, check_ints
 from dgrt.exporter.onnx_export import default_head_chunk
-from dgrt.exporter.quantize import Recipe
+from dgrt.exporter.quantize import Recipe, layout
 from dgrt.exporter.tracing import meta_model, weight_order
 from dgrt.exporter.weights import file_size
 from dgrt.model import DiffusionGemma
@@ -121,8 +121,8 @@ def weight_tensors(
 ) -> list[tuple[str, int]]:
     """(initializer name, bytes) of every tensor `dgrt export` writes to weights.bin, in the order it writes
     them: parameters in the export dtype or in the recipe's formats (FP8: a byte a weight and a scale per
-    output row; INT4: half a byte and a scale per block), buffers (RoPE frequencies) in fp32. `model` and
-    `buffers`: tracing.meta_model's, in that dtype."""
+    output channel; INT4: half a byte and a scale per block; see quantize.layout), buffers (RoPE
+    frequencies) in fp32. `model` and `buffers`: tracing.meta_model's, in that dtype."""
     itemsize = TORCH_DTYPES[DTYPES[dtype]].itemsize
     sizes: dict[str, int] = {}
     rank: dict[str, tuple[str, bool]] = {}  # name -> (the parameter it stores, is it a scale)
@@ -137,7 +137,8 @@ def weight_tensors(
             continue
         assert recipe is not None
         recipe.check_blocks(name, list(param.shape))
-        data, scales = (n, n // param.shape[-1]) if fmt == "fp8" else ((n + 1) // 2, n // recipe.block_size)
+        data = n if fmt == "fp8" else (n + 1) // 2
+        scales = layout(fmt, list(param.shape), recipe.block_size).scales
         sizes[key + "_quantized"], rank[key + "_quantized"] = data, (key, False)
         sizes[key + "_scale"], rank[key + "_scale"] = scales * itemsize, (key, True)
     for name, buffer in buffers.items():

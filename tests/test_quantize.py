@@ -17,30 +17,59 @@ from dgrt.errors import DgrtError
 from dgrt.exporter.calibrate import builtin_prompts, read_prompts
 from dgrt.exporter.lint import lint_export, lint_model
 from dgrt.exporter.onnx_export import ExportOptions, export
-from dgrt.exporter.quantize import FP8_MAX, Recipe, dequantize, fp8_weight, int4_weight, pack_int4
+from dgrt.exporter.quantize import (
+    FP8_MAX,
+    Recipe,
+    dequantize,
+    fp8_weight,
+    int4_weight,
+    layout,
+    pack_int4,
+    quantize_stored,
+    stored,
+)
 
 # -- the weight math ---------------------------------------------------------------------------------------
 
 
 def test_fp8_weights_reproduce_the_originals_within_e4m3_rounding() -> None:
-    w = torch.randn(3, 40, 64) * torch.logspace(-3, 1, 40)[None, :, None]  # rows of very different ranges
+    w = torch.randn(40, 64) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different ranges
     q, scale = fp8_weight(w)
-    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 40, 1)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (40,)  # one scale per output row
     # E4M3 keeps 3 mantissa bits: relative rounding error <= 2^-4; below 2^-6 (subnormals) the step is 2^-9.
-    bound = 2**-4 * w.abs() + scale * 2**-9
-    assert torch.all((dequantize(q, scale) - w).abs() <= bound)
-    assert torch.allclose(q.float().abs().amax(dim=-1), torch.full((3, 40), FP8_MAX))  # each row uses the range
-
-    q2, scale2 = fp8_weight(w[0])  # a linear layer: one scale per output row, 1-D
-    assert scale2.shape == (40,) and torch.all((dequantize(q2, scale2) - w[0]).abs() <= bound[0])
+    bound = 2**-4 * w.abs() + scale[:, None] * 2**-9
+    assert torch.all((dequantize(q, scale, layout("fp8", [40, 64], 32)) - w).abs() <= bound)
+    assert torch.allclose(q.float().abs().amax(dim=-1), torch.full((40,), FP8_MAX))  # each row uses the range
 
 
 def test_int4_blocks_reproduce_the_originals_within_half_a_step() -> None:
-    w = torch.randn(2, 16, 128)
+    w = torch.randn(16, 128)
     q, scale = int4_weight(w, block_size=32)
-    assert scale.shape == (2, 16, 4) and q.min() >= -7 and q.max() <= 7
+    assert scale.shape == (16, 4) and q.min() >= -7 and q.max() <= 7
     step = scale.repeat_interleave(32, dim=-1)
-    assert torch.all((dequantize(q, scale, 32) - w).abs() <= step / 2 + 1e-7)
+    assert torch.all((dequantize(q, scale, layout("int4", [16, 128], 32)) - w).abs() <= step / 2 + 1e-7)
+
+
+def test_expert_stacks_are_stored_as_the_right_operand_with_2d_scales() -> None:
+    """[E, N, K] becomes [E*K, N]: FP8 scales per output channel (shared by the experts), INT4 blocks along K
+    that never straddle two experts."""
+    e, n, k = 3, 40, 64
+    w = torch.randn(e, n, k) * torch.tensor([1.0, 0.1, 3.0])[:, None, None]  # experts of different ranges
+    fp8, int4 = layout("fp8", [e, n, k], 32), layout("int4", [e, n, k], 32)
+    assert (fp8.dims, fp8.scale_dims, fp8.attributes) == ([e * k, n], [n], {"axis": 1})
+    assert (int4.dims, int4.scale_dims, int4.attributes) == (
+        [e * k, n],
+        [e * k // 32, n],
+        {"axis": 0, "block_size": 32},
+    )
+    as_right_operand = w.transpose(1, 2).reshape(e * k, n)  # x @ this, expert by expert
+    for lay in (fp8, int4):
+        fmt = "fp8" if lay is fp8 else "int4"
+        q, scale = quantize_stored(w, fmt, 32)
+        assert list(q.shape) == lay.dims and list(scale.shape) == lay.scale_dims
+        error = (dequantize(q, scale, lay) - as_right_operand).abs()
+        bound = 2**-4 * as_right_operand.abs() + 1e-3 if fmt == "fp8" else scale.repeat_interleave(32, 0) / 2 + 1e-7
+        assert torch.all(error <= bound)
 
 
 def test_int4_packs_two_values_per_byte_low_nibble_first() -> None:
@@ -62,12 +91,15 @@ def test_recipes_choose_formats_per_weight() -> None:
 # -- exports ---------------------------------------------------------------------------------------------
 
 
-def _weight_gemms(model: ir.Model) -> list[tuple[ir.Node, int, int]]:
-    """(GEMM, weight input, activation input) for every GEMM fed by a dequantized weight."""
+def _weight_gemms(model: ir.Model) -> list[tuple[ir.Node, int, int, ir.Node]]:
+    """(GEMM, weight input, activation input, DequantizeLinear) for every GEMM fed by a dequantized weight
+    (expert stacks through a Reshape to [E, K, N])."""
     out = []
     for dq in model.graph:
         if dq.op_type == "DequantizeLinear" and (dq.inputs[0].name or "").endswith("_quantized"):
-            out += [(use.node, use.idx, 1 - use.idx) for use in dq.outputs[0].uses()]
+            for use in dq.outputs[0].uses():
+                uses = use.node.outputs[0].uses() if use.node.op_type == "Reshape" else [use]
+                out += [(u.node, u.idx, 1 - u.idx, dq) for u in uses]
     return out
 
 
@@ -82,25 +114,27 @@ def test_every_linear_and_expert_weight_is_dequantized_in_front_of_its_gemm(
     cfg = ckpt.config
     # per layer: q, k, (v), o, 3 MLP, router, 2 expert GEMMs; 3 self-conditioning linears
     assert len(gemms) == sum(9 + s.has_v_proj for s in cfg.layers) + 3
-    assert {n.op_type for n, _, _ in gemms} == {"Gemm", "MatMul"}
+    assert {n.op_type for n, _, _, _ in gemms} == {"Gemm", "MatMul"}
     unquantized = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].is_initializer()]
     assert [n.inputs[1].name for n in unquantized] == ["model.embed_tokens.weight"]  # the LM head only
-    for node, w_index, x_index in gemms:
-        dq = node.inputs[w_index].producer()
-        assert dq is not None and dq.op_type == "DequantizeLinear" and len(dq.inputs) == 2  # no zero point
+    for node, w_index, x_index, dq in gemms:
+        assert len(dq.inputs) == 2  # no zero point
         weight = dq.inputs[0]
         param = weight.name.removeprefix("model.").removesuffix("_quantized")
         fmt = expected_formats[1] if ".experts." in param else expected_formats[0]
         assert weight.dtype == (ir.DataType.FLOAT8E4M3FN if fmt == "fp8" else ir.DataType.INT4)
-        # The stored weight, dequantized as the graph does, is the checkpoint's within the format's error.
-        original = ckpt.tensor(checkpoint_key(param)).float()
+        # Stored 2-D as the GEMM's right operand, and dequantized as the graph does, the checkpoint's weight
+        # within the format's error.
+        original = stored(ckpt.tensor(checkpoint_key(param)).float())
+        lay = layout(fmt, list(ckpt.tensor(checkpoint_key(param)).shape), 32)
+        assert (
+            list(weight.shape.dims) == lay.dims and {a: v.as_int() for a, v in dq.attributes.items()} == lay.attributes
+        )
         q = torch.from_numpy(np.asarray(weight.const_value.numpy()).astype(np.float32))
         scale = torch.tensor(dq.inputs[1].const_value.numpy())
-        if fmt == "fp8":
-            assert torch.all((dequantize(q, scale) - original).abs() <= 2**-4 * original.abs() + 1e-6)
-        else:
-            assert dq.attributes["block_size"].as_int() == 32 and dq.attributes["axis"].as_int() == q.dim() - 1
-            assert torch.all((dequantize(q, scale, 32) - original).abs() <= scale.max() / 2 + 1e-6)
+        bound = 2**-4 * original.abs() + 1e-6 if fmt == "fp8" else scale.max() / 2 + 1e-6
+        assert torch.all((dequantize(q, scale, lay) - original).abs() <= bound)
+        assert w_index == 1  # the right operand: MatMul's B, or Gemm's B with transB=1
         activation = node.inputs[x_index].producer()
         if fmt == "fp8":  # W8A8: a Q/DQ pair with one positive constant scale on the activation
             assert activation is not None and activation.op_type == "DequantizeLinear"
@@ -157,6 +191,19 @@ def test_lint_rejects_what_tensorrt_rejects(quantized: dict[str, Path]) -> None:
     dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
     dq.attributes["block_size"] = ir.AttrInt64("block_size", 16)
     assert any("blocks of 16" in e for e in lint_model(model, "denoise", True).errors)
+
+    # Where TensorRT's quantized GEMMs read weights: the right operand, blocked along K, scales of rank <= 2.
+    model = ir.load(quantized["int4"] / "denoise.onnx")
+    gemm = next(n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].producer() is not None)
+    gemm.attributes["transB"] = ir.AttrInt64("transB", 0)  # now K is the weight's axis 0; its blocks run along 1
+    assert any("blocks run along axis 1" in e for e in lint_model(model, "denoise", True).errors)
+    x, w = gemm.inputs[0], gemm.inputs[1]
+    gemm.replace_input_with(0, w)
+    gemm.replace_input_with(1, x)
+    assert any("left operand of Gemm" in e for e in lint_model(model, "denoise", True).errors)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    dq.inputs[1].const_value = ir.tensor(np.ones((1, 2, 2), dtype=np.float32))
+    assert any("scale of rank 3" in e for e in lint_model(model, "denoise", True).errors)
 
 
 def test_int4_refuses_a_block_size_that_does_not_divide(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -153,7 +153,8 @@ def _check_node(node: ir.Node, cuda_graph: bool) -> list[str]:
 
 def _check_qdq(node: ir.Node, where: str) -> list[str]:
     """TensorRT's explicit-quantization rules: symmetric, constant positive scales, per-tensor activation
-    scales, INT4 only on constant weights, a block layout with exactly one blocked axis dividing evenly."""
+    scales, INT4 only on constant weights, scales of rank at most 2, a block layout with exactly one blocked
+    axis dividing evenly, and weights where TensorRT's quantized GEMMs read them."""
     x, scale_value = node.inputs[0], node.inputs[1]
     zero_point_value = node.inputs[2] if len(node.inputs) > 2 else None
     if zero_point_value is not None:
@@ -173,22 +174,60 @@ def _check_qdq(node: ir.Node, where: str) -> list[str]:
         return [f"{where}: activation scales must be per-tensor (a scalar), not shape {list(scale.shape)}."]
     if x is None or x.shape is None or scale.ndim == 0:
         return []
+    if scale.ndim > 2:
+        return [f"{where}: a scale of rank {scale.ndim}; TensorRT takes rank 0, 1 or (blocks of a 2-D weight) 2."]
     dims = [d if isinstance(d, int) else None for d in x.shape.dims]
     axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
     axis = axis % len(dims)
     if scale.ndim == 1:
         if dims[axis] is not None and scale.shape[0] != dims[axis]:
             return [f"{where}: {scale.shape[0]} per-axis scales for axis {axis} of size {dims[axis]}."]
-        return []
-    if scale.ndim != len(dims):
-        return [f"{where}: scale rank {scale.ndim} is neither 0, 1 nor the input's rank {len(dims)}."]
-    blocked = [i for i, (d, s) in enumerate(zip(dims, scale.shape, strict=True)) if d != s]
-    block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
-    if blocked != [axis] or block <= 0:
-        return [f"{where}: a block layout needs exactly one blocked axis, the `axis` attribute, and a block_size."]
-    if dims[axis] != scale.shape[axis] * block:
-        return [f"{where}: axis {axis} of size {dims[axis]} is not {scale.shape[axis]} blocks of {block}."]
+    else:
+        if scale.ndim != len(dims):
+            return [f"{where}: scale rank {scale.ndim} is neither 0, 1 nor the input's rank {len(dims)}."]
+        blocked = [i for i, (d, s) in enumerate(zip(dims, scale.shape, strict=True)) if d != s]
+        block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
+        if blocked != [axis] or block <= 0:
+            return [f"{where}: a block layout needs exactly one blocked axis, the `axis` attribute, and a block_size."]
+        if dims[axis] != scale.shape[axis] * block:
+            return [f"{where}: axis {axis} of size {dims[axis]} is not {scale.shape[axis]} blocks of {block}."]
+    if weight and node.op_type == "DequantizeLinear":
+        return _check_weight_operand(node, where, len(dims), axis, blocked=scale.ndim == 2)
     return []
+
+
+def _check_weight_operand(node: ir.Node, where: str, rank: int, axis: int, blocked: bool) -> list[str]:
+    """A dequantized weight with per-channel or block scales feeds its GEMMs (through Reshapes) as the right
+    operand, MatMul's B or Gemm's transposed B, which is how TensorRT's FP8 per-channel and INT4 weight-only
+    GEMMs take it; blocks run along the GEMM's reduction axis K, per-channel scales along the other one."""
+    errors = []
+    uses = list(node.outputs[0].uses())
+    while uses:
+        consumer, index = uses.pop()
+        op = consumer.op_type
+        if op == "Reshape" and index == 0:
+            uses += consumer.outputs[0].uses()
+            continue
+        if op not in ("MatMul", "Gemm"):
+            continue
+        trans_b = op == "Gemm" and "transB" in consumer.attributes and consumer.attributes["transB"].as_int() == 1
+        if index != 1:
+            errors.append(
+                f"{where}: the weight is the left operand of {op} '{consumer.name}'; TensorRT's quantized "
+                "GEMMs take it as the right one (MatMul's B, or Gemm's B with transB=1)."
+            )
+            continue
+        k_axis = rank - 1 if trans_b else rank - 2  # the stored tensor's rows hold K unless it is read transposed
+        if blocked and axis != k_axis:
+            errors.append(
+                f"{where}: blocks run along axis {axis}, not along {op} '{consumer.name}''s reduction axis {k_axis}."
+            )
+        if not blocked and axis == k_axis:
+            errors.append(
+                f"{where}: per-channel scales along {op} '{consumer.name}''s reduction axis {k_axis}, "
+                "which a GEMM cannot factor out; expected the output-channel axis."
+            )
+    return errors
 
 
 def lint_model(model: ir.Model, name: str, cuda_graph: bool) -> GraphReport:

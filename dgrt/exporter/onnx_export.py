@@ -201,8 +201,9 @@ def _quantize(
     assert recipe is not None
     entry: dict[str, Any] = {"recipe": recipe.name, "block_size": recipe.block_size if recipe.name != "fp8" else None}
     entry["weights"] = (
-        "round to nearest; FP8 E4M3 scale = max |w| / 448 per output channel (per expert and channel for expert "
-        "stacks); INT4 scale = max |w| / 7 per block of the input dimension; embedding / LM head not quantized"
+        "round to nearest; FP8 E4M3 scale = max |w| / 448 per output channel (shared by an expert stack's "
+        "experts); INT4 scale = max |w| / 7 per block of the input dimension; weights stored 2-D as the GEMM's "
+        "right operand (expert stacks [E*K, N]); embedding / LM head not quantized"
     )
     planned: dict[str, QuantizedWeight] = {}
     fp8_inputs = {}

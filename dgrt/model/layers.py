@@ -236,7 +236,8 @@ class Experts(nn.Module):
     def _run(self, x_t: torch.Tensor) -> torch.Tensor:
         """Every expert on its own tokens: x_t [E or 1, H, T] -> [E, H, T]. Weights times transposed
         activations: batched MatMuls that read the weights as stored (no weight Transpose for a runtime to
-        fold into a copy), and slices instead of split."""
+        fold into a copy), and slices instead of split. Quantized exports turn these GEMMs around to read
+        the weight as the right operand (dgrt.exporter.quantize.layout)."""
         gate_up = torch.matmul(self.gate_up_proj, x_t)  # [E, 2I, T]
         gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
         return torch.matmul(self.down_proj, self.down_input(gelu_tanh(gate) * up))
