@@ -132,6 +132,7 @@ def test_every_linear_and_expert_weight_is_dequantized_in_front_of_its_gemm(
         )
         q = torch.from_numpy(np.asarray(weight.const_value.numpy()).astype(np.float32))
         scale = torch.tensor(dq.inputs[1].const_value.numpy())
+        assert list(scale.shape) == lay.scale_dims and scale.dim() <= 2  # what TensorRT's DQ takes
         bound = 2**-4 * original.abs() + 1e-6 if fmt == "fp8" else scale.max() / 2 + 1e-6
         assert torch.all((dequantize(q, scale, lay) - original).abs() <= bound)
         assert w_index == 1  # the right operand: MatMul's B, or Gemm's B with transB=1
