@@ -136,6 +136,48 @@ class _Request:
     pad_id: int | None
 
 
+class Draws:
+    """The random numbers of a batch, drawn in the loop's fixed order (a canvas, then per step the
+    sampling uniforms and the renoise tokens): from one seeded stream for the whole batch, as transformers
+    draws them. Rows not `active` still take part in the shared stream's draws."""
+
+    def __init__(self, seed: int):
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def tokens(self, shape: tuple[int, int], vocab: int, active: torch.Tensor) -> torch.Tensor:
+        return torch.randint(0, vocab, shape, generator=self.rng)
+
+    def uniform(self, shape: tuple[int, int], active: torch.Tensor) -> torch.Tensor:
+        return torch.rand(shape, generator=self.rng)
+
+
+class RowDraws(Draws):
+    """One seeded stream per row, drawn only while the row is active: a row's numbers are those it would
+    draw alone (batch 1, same seed), whoever shares its batch and however long they denoise."""
+
+    def __init__(self, rngs: list[torch.Generator]):
+        self.rngs = rngs
+
+    def tokens(self, shape: tuple[int, int], vocab: int, active: torch.Tensor) -> torch.Tensor:
+        return self._rows(shape, active, torch.int64, lambda rng: torch.randint(0, vocab, (1, shape[1]), generator=rng))
+
+    def uniform(self, shape: tuple[int, int], active: torch.Tensor) -> torch.Tensor:
+        return self._rows(shape, active, torch.float32, lambda rng: torch.rand((1, shape[1]), generator=rng))
+
+    def _rows(
+        self,
+        shape: tuple[int, int],
+        active: torch.Tensor,
+        dtype: torch.dtype,
+        draw: Callable[[torch.Generator], torch.Tensor],
+    ) -> torch.Tensor:
+        out = torch.zeros(shape, dtype=dtype)  # an inactive row's numbers are never read
+        for i, rng in enumerate(self.rngs):
+            if active[i]:
+                out[i] = draw(rng)[0]
+        return out
+
+
 @dataclass
 class _Call:
     """One call's state while the loop runs it: the batch, its cache and random stream, and the tallies
@@ -146,7 +188,7 @@ class _Call:
     pad: torch.Tensor  # [B] left padding of each row
     cache: KVCache
     canvases: int
-    rng: torch.Generator
+    draws: Draws
     eos: torch.Tensor | None
     temperature: torch.Tensor  # [B] one buffer, refilled at each step
     finished: torch.Tensor  # [B] rows done (EOS or max_new_tokens) in a committed canvas
@@ -458,7 +500,7 @@ class Generator:
             pad=pad,
             cache=cache,
             canvases=canvases,
-            rng=torch.Generator().manual_seed(request.seed),
+            draws=Draws(request.seed),
             eos=torch.tensor(request.eos, dtype=torch.int64) if request.eos else None,
             temperature=torch.empty(b, dtype=torch.float32),
             finished=torch.zeros(b, dtype=torch.bool),
@@ -470,7 +512,7 @@ class Generator:
         """Canvas k, from uniform random tokens, for up to `steps` steps: yields each step's draft and
         returns the last. A row that stops adaptively keeps its state while the others go on."""
         sampler, vocab, (b, c) = call.request.sampler, self.info.vocab_size, positions.shape
-        canvas = torch.randint(0, vocab, (b, c), generator=call.rng)
+        canvas = call.draws.tokens((b, c), vocab, ~call.finished)
         soft = torch.zeros(b, c, self.info.hidden_size, dtype=self.backend.dtype, device=self.backend.device)
         draft = _Draft(canvas, soft, canvas, torch.zeros(b, c))
         stability, confidence = sampler.stability_threshold, sampler.confidence_threshold
@@ -478,12 +520,13 @@ class Generator:
         done = torch.zeros(b, dtype=torch.bool)  # rows stopped in this canvas
         passes = torch.zeros(b, dtype=torch.int64)
         for step in range(sampler.steps, 0, -1):
-            passes += ~(done | call.finished)
+            active = ~(done | call.finished)
+            passes += active
             call.temperature.fill_(sampler.temperature(step).item())
-            uniform = torch.rand((b, c), generator=call.rng)
+            uniform = call.draws.uniform((b, c), active)
             inputs = DenoiseInputs(draft.canvas, draft.soft, positions, call.pad, call.temperature, uniform)
             out = self._step(call, inputs)
-            noise = torch.randint(0, vocab, (b, c), generator=call.rng)
+            noise = call.draws.tokens((b, c), vocab, active)
             renoised = torch.where(accept(out.entropy, sampler.entropy_bound), out.sample, noise)
             new = _Draft(renoised, out.next_soft, out.argmax.clone(), out.entropy.clone())
             draft = draft.keep(done, new) if done.any() else new  # stopped rows keep their state

@@ -50,6 +50,7 @@ class KVCache:
         """capacity: most tokens a full layer will hold; device: where the backend reads the cache (a GPU
         backend binds it in place)."""
         self.layers, self.batch, self.capacity = layers, batch, capacity
+        self.allocated_rows = batch  # `batch` (the rows calls see) may shrink and grow back up to this
         self.length = 0  # tokens in the history (what a full layer holds)
         self._kept = [0] * len(layers)  # tokens each layer holds
         self._buffers = []
@@ -66,6 +67,48 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self._kept = [0] * len(self.layers)
+
+    # -- rows that come and go (continuous batching, dgrt.runtime.batching) ------------------------------
+    #
+    # Rows share one timeline (`length`); a row's history is right-aligned to it, and what lies before it in
+    # the row is old but finite data that the row's left padding masks. Active rows are the first `batch`
+    # rows, so the past of a call is still a prefix of each buffer.
+
+    def start(self, length: int) -> None:
+        """An empty cache whose timeline starts at `length` tokens of masked history (see place_row)."""
+        if not 0 <= length <= self.capacity:
+            raise DgrtError(f"the timeline would start at {length} tokens; this cache holds {self.capacity}.")
+        self.length = length
+        self._kept = [s.tokens_held(length) for s in self.layers]
+
+    def set_batch(self, rows: int) -> None:
+        """Make the first `rows` rows the active ones (their contents stay where they are)."""
+        if not 0 <= rows <= self.allocated_rows:
+            raise DgrtError(f"{rows} rows requested; this cache holds {self.allocated_rows}.")
+        self.batch = rows
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src`'s history over row `dst` (to close the gap a leaving row makes)."""
+        for i, (k_buf, v_buf) in enumerate(self._buffers):
+            for buf in (k_buf, v_buf):
+                view = self._rows_view(buf, i)
+                view[dst] = view[src]
+
+    def place_row(self, row: int, other: KVCache) -> None:
+        """Put a one-row cache's history into `row`, right-aligned to this cache's timeline."""
+        if other.batch != 1 or other.length > self.length:
+            raise DgrtError(f"cannot place a {other.batch}-row history of {other.length} tokens into {self.length}.")
+        for i, ((k_buf, v_buf), (k, v)) in enumerate(zip(self._buffers, other.past(), strict=True)):
+            n = k.shape[2]
+            self._rows_view(k_buf, i)[row, :, self._kept[i] - n :] = k[0]
+            self._rows_view(v_buf, i)[row, :, self._kept[i] - n :] = v[0]
+
+    def _rows_view(self, flat: torch.Tensor, layer: int) -> torch.Tensor:
+        """Every allocated row of a layer's buffer at the current layout, [allocated, kv_heads, kept, dim]."""
+        s = self.layers[layer]
+        return flat[: self.allocated_rows * s.num_kv_heads * self._kept[layer] * s.head_dim].view(
+            self.allocated_rows, s.num_kv_heads, self._kept[layer], s.head_dim
+        )
 
     def past(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's past, [batch, kv_heads, kept, head_dim], oldest first: views, not copies."""

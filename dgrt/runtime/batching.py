@@ -1,0 +1,348 @@
+"""Continuous batching for block diffusion: many requests share each denoise and prefill call.
+
+    batcher = Batcher(dgrt.load("export-dir"), max_batch=8)
+    job = batcher.submit(Job.create(gen, "Reverse 'abc'.", seed=0, max_new_tokens=64, listener=print))
+    job.wait()                                       # or cancel() it; `listener` gets each Update
+    batcher.close()
+
+One worker thread runs the loop. Requests join at canvas boundaries and leave as soon as they finish (EOS,
+`max_new_tokens`, a stop string, or cancel()), without waiting for the others. Within a batch each row has
+its own seed stream (drawn only while it denoises), its own length, EOS and stop strings; the rows of one
+batch share the sampler's settings (a request with other settings waits for the batch to drain).
+
+A request's tokens are those `Generator.generate` gives it alone with the same seed, up to the float
+rounding of attention over a longer, masked past: rows share one cache timeline, each row's history
+right-aligned to it (its own prompt is prefilled alone, exactly as generate prefills it, then placed), and
+the graphs mask what lies before it. A prompt longer than the timeline so far waits for it to grow (a
+canvas at a time) or for the batch to drain.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dgrt.errors import DgrtError
+from dgrt.runtime.generator import (
+    GENERATE_OPTIONS,
+    Generator,
+    RowDraws,
+    StepEvent,
+    _Call,
+    _Request,
+    prefill,
+)
+from dgrt.runtime.kv_cache import KVCache
+from dgrt.sampler import finalize_canvas
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a job's listener receives: a draft after a step (when asked for), then after each canvas the
+    committed text so far; `finish_reason` on the last one ("stop", "length", "cancelled" or "error")."""
+
+    kind: str  # "draft", "canvas" or "done"
+    text: str  # the draft's text, or everything committed so far
+    canvas_index: int
+    step: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One request: its checked options (a generate request of one row), and what the loop tracks of it."""
+
+    request: _Request
+    stop: list[str]
+    listener: Callable[[Update], object]
+    drafts: bool = False
+    tokens: list[int] = field(default_factory=list)  # committed, EOS and after cut off
+    text: str = ""
+    canvases: int = 0
+    steps_per_canvas: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_canvas_seconds: float | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+    _cancelled: bool = False
+    _rng: torch.Generator = field(default_factory=torch.Generator)  # seeded when the job joins a batch
+    _pad: int = 0  # the row's left padding in the shared timeline
+
+    @classmethod
+    def create(
+        cls,
+        gen: Generator,
+        prompt: Any,
+        *,
+        listener: Callable[[Update], object],
+        stop: list[str] | None = None,
+        drafts: bool = False,
+        **options: Any,
+    ) -> Job:
+        """A job for one prompt; `options` are Generator.generate's (max_new_tokens, seed, chat, eos_token_id,
+        pad_token_id, sampler and the sampler settings), checked now."""
+        known = {"max_new_tokens", "seed", "chat", "eos_token_id", "pad_token_id", "sampler"}
+        settings: Any = {k: v for k, v in options.items() if k not in known}
+        request = gen._request(
+            prompt,
+            None,
+            GENERATE_OPTIONS,
+            options.get("max_new_tokens"),
+            options.get("seed"),
+            options.get("chat", True),
+            options.get("eos_token_id", ...),
+            options.get("pad_token_id", ...),
+            options.get("sampler"),
+            settings,
+        )
+        if len(request.rows) != 1:
+            raise DgrtError(f"a job is one prompt; got a batch of {len(request.rows)}.")
+        return cls(request, [s for s in (stop or []) if s], listener, drafts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.rows[0])
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Leave at the next canvas boundary (a waiting job leaves at once)."""
+        self._cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason = reason
+        self.listener(Update("done", self.text, self.canvases, finish_reason=reason, error=error))
+        self._done.set()
+
+
+class Batcher:
+    """Runs jobs on a Generator's backend in shared batches of at most `max_batch` rows (see the module
+    docstring). The KV cache holds `max_batch` rows of `max_context` tokens (default the model's)."""
+
+    def __init__(self, gen: Generator, max_batch: int = 8, max_context: int | None = None):
+        limit = getattr(gen.backend, "max_batch", None)
+        if not 1 <= max_batch <= (limit or max_batch):
+            raise DgrtError(f"max_batch is {max_batch}; expected 1 to {limit or 'any'} for this backend.")
+        self.gen, self.max_batch = gen, max_batch
+        info = gen.info
+        self.capacity = min(max_context or info.max_context, info.max_context)
+        self.cache = KVCache(info.layers, max_batch, self.capacity, gen.backend.dtype, gen.backend.device)
+        self.cache.set_batch(0)
+        self.rows: list[Job] = []  # the batch, in cache row order
+        self.waiting: list[Job] = []
+        self.stats = BatchStats()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="dgrt-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        c = self.gen.info.canvas_length
+        need = job.prompt_tokens + math.ceil(job.request.max_new_tokens / c) * c
+        if need > self.capacity:
+            raise DgrtError(
+                f"the prompt ({job.prompt_tokens} tokens) plus {math.ceil(job.request.max_new_tokens / c)} canvas(es) "
+                f"of {c} exceeds the {self.capacity} tokens this server holds per request; shorten the prompt "
+                "or lower max_tokens."
+            )
+        with self._wake:
+            if self._closed:
+                raise DgrtError("the batcher is closed.")
+            self.waiting.append(job)
+            self._wake.notify()
+        return job
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def occupancy(self) -> int:
+        return len(self.rows)
+
+    def close(self) -> None:
+        """Stop after the current canvas; jobs not finished end with finish_reason "cancelled"."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self.rows and not self.waiting:
+                    self._wake.wait()
+                if self._closed:
+                    break
+            try:
+                with self.gen._exclusive():
+                    self._admit()
+                    if self.rows:
+                        self._canvas()
+            except Exception as e:  # a failing call ends the batch's jobs, not the server
+                for job in self.rows:
+                    job._finish("error", str(e))
+                self.rows = []
+                self.cache.set_batch(0)
+        for job in self.rows + self.waiting:
+            job._finish("cancelled")
+
+    def _admit(self) -> None:
+        """At a canvas boundary: waiting jobs join while the batch has room, shares their sampler settings,
+        and the timeline holds their prompt and their canvases."""
+        with self._wake:
+            for job in [j for j in self.waiting if j._cancelled]:
+                self.waiting.remove(job)
+                job._finish("cancelled")
+            candidates = list(self.waiting)
+        c, cache = self.gen.info.canvas_length, self.cache
+        if not self.rows:
+            fresh = [j for j in candidates if j.request.sampler == candidates[0].request.sampler][: self.max_batch]
+            length = max((j.prompt_tokens for j in fresh), default=0)
+            fresh = [j for j in fresh if length + _canvases(j, c) * c <= self.capacity]
+            cache.reset()
+            cache.start(max((j.prompt_tokens for j in fresh), default=0))
+        else:
+            sampler = self.rows[0].request.sampler
+            fresh = [
+                j
+                for j in candidates
+                if j.request.sampler == sampler
+                and j.prompt_tokens <= cache.length
+                and cache.length + _canvases(j, c) * c <= self.capacity
+            ][: self.max_batch - len(self.rows)]
+        for job in fresh:
+            self._place(job)
+        if fresh:
+            with self._wake:
+                for job in fresh:
+                    self.waiting.remove(job)
+
+    def _place(self, job: Job) -> None:
+        """Prefill the job's prompt alone (as generate does), then put it in the next row, right-aligned."""
+        gen, cache = self.gen, self.cache
+        ids = torch.tensor(job.request.rows, dtype=torch.int64)
+        p = ids.shape[1]
+        alone = KVCache(gen.info.layers, 1, p, gen.backend.dtype, gen.backend.device)
+        t0 = time.perf_counter()
+        prefill(
+            gen.backend, alone, ids, torch.arange(p)[None], torch.zeros(1, dtype=torch.int64), gen.info.prefill_chunk
+        )
+        self.stats.prefill_seconds.append(time.perf_counter() - t0)
+        row = len(self.rows)
+        cache.set_batch(row + 1)
+        cache.place_row(row, alone)
+        job._pad = cache.length - p
+        job._rng.manual_seed(job.request.seed)
+        self.rows.append(job)
+
+    def _canvas(self) -> None:
+        """Denoise one canvas for every row, commit it, let finished rows leave, prefill the rest."""
+        gen, rows, c = self.gen, self.rows, self.gen.info.canvas_length
+        b = len(rows)
+        call = _Call(
+            request=rows[0].request,  # the loop reads only its sampler, which every row shares
+            ids=torch.empty(b, 0, dtype=torch.int64),
+            pad=torch.tensor([j._pad for j in rows], dtype=torch.int64),
+            cache=self.cache,
+            canvases=1,
+            draws=RowDraws([j._rng for j in rows]),
+            eos=None,
+            temperature=torch.empty(b, dtype=torch.float32),
+            finished=torch.zeros(b, dtype=torch.bool),
+            passes=torch.zeros(b, dtype=torch.int64),
+            steps_per_canvas=[[] for _ in rows],
+        )
+        positions = call.positions(c)
+        events = gen._denoise(call, 0, positions)
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as end:
+                draft = end.value
+                break
+            self._drafts(event)
+        self.stats.step_seconds += call.step_seconds
+        for i, job in enumerate(rows):
+            self._commit(job, draft[i : i + 1], call.steps_per_canvas[i])
+        staying = [j for j in rows if not j.finished and not j._cancelled]
+        for job in rows:
+            if job._cancelled and not job.finished:
+                job._finish("cancelled")
+        if len(staying) < len(rows):
+            self._compact(staying)
+        if staying:
+            t0 = time.perf_counter()
+            kept = [i for i, j in enumerate(rows) if j in staying]  # rows going on have no EOS: draft = commit
+            prefill(gen.backend, self.cache, draft[kept], positions[kept], call.pad[kept], gen.info.prefill_chunk)
+            self.stats.prefill_seconds.append(time.perf_counter() - t0)
+
+    def _drafts(self, event: StepEvent) -> None:
+        tok = self.gen.tokenizer
+        for i, job in enumerate(self.rows):
+            if job.drafts and tok is not None and bool(event.active[i]):
+                text = job.text + tok.decode(_until_eos(event.draft[i].tolist(), job.request.eos))
+                job.listener(Update("draft", text, job.canvases, step=event.step))
+
+    def _commit(self, job: Job, draft: torch.Tensor, passes: list[int]) -> None:
+        """The row's canvas as generate commits it; the job finishes on EOS, its length or a stop string."""
+        c, request = self.gen.info.canvas_length, job.request
+        reached = (job.canvases + 1) * c >= request.max_new_tokens
+        eos = torch.tensor(request.eos, dtype=torch.int64) if request.eos else None
+        tokens, _ = finalize_canvas(draft, torch.zeros(1, dtype=torch.bool), reached, eos, request.pad_id)
+        job.canvases += 1
+        job.steps_per_canvas += passes
+        row = tokens[0].tolist()
+        cut = _until_eos(row, request.eos)
+        job.tokens += cut[: request.max_new_tokens - len(job.tokens)]
+        tok = self.gen.tokenizer
+        job.text = tok.decode(job.tokens) if tok is not None else ""
+        if job.first_canvas_seconds is None:
+            job.first_canvas_seconds = time.perf_counter() - job.submitted
+        stop_at = min((i for i in (job.text.find(s) for s in job.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            job.text = job.text[:stop_at]
+        job.listener(Update("canvas", job.text, job.canvases - 1))
+        if stop_at >= 0 or len(cut) < len(row):  # a stop string or an EOS
+            job._finish("stop")
+        elif reached:
+            job._finish("length")
+
+    def _compact(self, staying: list[Job]) -> None:
+        """Rows that stay move up over the ones that left, keeping their order."""
+        for dst, job in enumerate(staying):
+            src = self.rows.index(job)
+            if src != dst:
+                self.cache.move_row(src, dst)
+        self.rows = staying
+        self.cache.set_batch(len(staying))
+
+
+@dataclass
+class BatchStats:
+    """Timings the server's metrics read (and empty as they go)."""
+
+    step_seconds: list[float] = field(default_factory=list)
+    prefill_seconds: list[float] = field(default_factory=list)
+
+
+def _canvases(job: Job, canvas: int) -> int:
+    return math.ceil(job.request.max_new_tokens / canvas)
+
+
+def _until_eos(row: list[int], eos: list[int]) -> list[int]:
+    return row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
