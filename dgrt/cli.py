@@ -164,6 +164,26 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(summary(result, gen.backend.name), file=sys.stderr)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from dgrt.serve.app import create_app
+    except ImportError as e:
+        raise DgrtError(f"dgrt serve needs its extra ({e.name} is missing): pip install 'dgrt[serve]'.") from None
+    import dgrt
+
+    if args.max_batch < 1:
+        raise DgrtError(f"--max-batch is {args.max_batch}; expected a positive number of rows.")
+    gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
+    name = args.served_model_name or Path(args.path).resolve().name
+    app = create_app(gen, name, max_batch=args.max_batch, max_context=args.max_context, api_key=args.api_key,
+                     owns_generator=True)  # fmt: skip
+    print(f"serving {args.path} as '{name}' on http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch})",
+          file=sys.stderr)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     import json
 
@@ -363,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
         "before each row of a batch, but a text may hold any line)",
     )
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="serve an export (or checkpoint) over the OpenAI API, batching requests")
+    p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime for exports")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests in one batch (default 8)")
+    p.add_argument(
+        "--max-context", type=int, help="tokens a request's prompt and answer may hold (default: the model's)"
+    )
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    p.add_argument("--served-model-name", help="the model id clients pass (default: the folder's name)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="compare an export with the PyTorch reference (transformers)")
     p.add_argument("path", type=Path, help="an export directory")

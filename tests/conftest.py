@@ -115,6 +115,16 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> dict
 
 
 @pytest.fixture(scope="session")
+def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped trained model (string reversal), exported with its logits output."""
+    from dgrt.task import shipped_checkpoint
+
+    out = tmp_path_factory.mktemp("trained") / "onnx"
+    export(shipped_checkpoint(), out, ExportOptions(debug_logits=True))
+    return out
+
+
+@pytest.fixture(scope="session")
 def two_layer_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset cut to one sliding and one full layer: for the half-precision exports, where the
     layer count is not the point (tracing costs seconds per layer)."""

@@ -45,3 +45,32 @@ def test_overflow_is_refused() -> None:
     cache.append([(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))])
     with pytest.raises(DgrtError, match="would reach 5 tokens; this cache holds 4"):
         cache.append([(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))])
+
+
+def test_rows_join_right_aligned_and_leave_by_moving_up() -> None:
+    """Continuous batching's row operations: a history placed into a longer timeline ends where it ends;
+    rows after one that leaves move up; appends then extend every active row."""
+    layers = [LayerShape(1, 2, window=4), LayerShape(1, 2, window=None)]
+    cache = KVCache(layers, batch=3, capacity=16, dtype=torch.float32)
+    cache.start(6)  # a timeline of 6 masked tokens, no rows yet
+    cache.set_batch(0)
+    histories = []
+    for row, n in enumerate((6, 2, 4)):
+        alone = KVCache(layers, batch=1, capacity=n, dtype=torch.float32)
+        kv = [(torch.full((1, 1, n, 2), float(row + 1)), torch.full((1, 1, n, 2), -float(row + 1))) for _ in layers]
+        alone.append(kv)
+        cache.set_batch(row + 1)
+        cache.place_row(row, alone, 0, n)
+        histories.append(alone.past())
+    for (k, _), s in zip(cache.past(), layers, strict=True):
+        kept = 6 if s.window is None else 3
+        for row, n in enumerate((6, 2, 4)):
+            tail = min(n, kept)
+            assert torch.all(k[row, :, kept - tail :] == row + 1)  # right-aligned to the timeline
+    cache.move_row(2, 1)  # row 1 leaves; row 2 moves up
+    cache.set_batch(2)
+    cache.append([(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2)) for _ in layers])
+    k_full = cache.past()[1][0]
+    assert k_full.shape == (2, 1, 7, 2) and torch.all(k_full[1, :, 2:6] == 3) and torch.all(k_full[:, :, 6] == 0)
+    with pytest.raises(DgrtError, match="rows requested"):
+        cache.set_batch(4)

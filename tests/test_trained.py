@@ -21,13 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = Task().examples(12, seed=123)  # not the held-out seed, not a training seed
 
 
-@pytest.fixture(scope="module")
-def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trained") / "onnx"
-    export(shipped_checkpoint(), out, ExportOptions(debug_logits=True))
-    return out
-
-
 def test_the_shipped_checkpoint_is_a_complete_hf_folder() -> None:
     ckpt = Checkpoint.open(shipped_checkpoint())
     task = Task.from_dir(ckpt.path)

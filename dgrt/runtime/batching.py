@@ -12,8 +12,8 @@ batch share the sampler's settings (a request with other settings waits for the 
 
 A request's tokens are those `Generator.generate` gives it alone with the same seed, up to the float
 rounding of attention over a longer, masked past: rows share one cache timeline, each row's history
-right-aligned to it (its own prompt is prefilled alone, exactly as generate prefills it, then placed), and
-the graphs mask what lies before it. A prompt longer than the timeline so far waits for it to grow (a
+right-aligned to it (the prompts joining at a boundary are prefilled together, left-padded, then placed),
+and the graphs mask what lies before it. A prompt longer than the timeline so far waits for it to grow (a
 canvas at a time) or for the batch to drain.
 """
 
@@ -40,6 +40,8 @@ from dgrt.runtime.generator import (
 )
 from dgrt.runtime.kv_cache import KVCache
 from dgrt.sampler import finalize_canvas
+
+PROMPT_BUCKET = 32  # joining prompts are prefilled padded to a multiple of this many tokens
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ class Batcher:
     """Runs jobs on a Generator's backend in shared batches of at most `max_batch` rows (see the module
     docstring). The KV cache holds `max_batch` rows of `max_context` tokens (default the model's)."""
 
-    def __init__(self, gen: Generator, max_batch: int = 8, max_context: int | None = None):
+    def __init__(
+        self, gen: Generator, max_batch: int = 8, max_context: int | None = None, observer: Observer | None = None
+    ):
         limit = getattr(gen.backend, "max_batch", None)
         if not 1 <= max_batch <= (limit or max_batch):
             raise DgrtError(f"max_batch is {max_batch}; expected 1 to {limit or 'any'} for this backend.")
@@ -142,7 +146,7 @@ class Batcher:
         self.cache.set_batch(0)
         self.rows: list[Job] = []  # the batch, in cache row order
         self.waiting: list[Job] = []
-        self.stats = BatchStats()
+        self.observer = observer or Observer()
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dgrt-batcher", daemon=True)
@@ -225,30 +229,34 @@ class Batcher:
                 and j.prompt_tokens <= cache.length
                 and cache.length + _canvases(j, c) * c <= self.capacity
             ][: self.max_batch - len(self.rows)]
-        for job in fresh:
-            self._place(job)
         if fresh:
+            self._place(fresh)
             with self._wake:
                 for job in fresh:
                     self.waiting.remove(job)
 
-    def _place(self, job: Job) -> None:
-        """Prefill the job's prompt alone (as generate does), then put it in the next row, right-aligned."""
+    def _place(self, jobs: list[Job]) -> None:
+        """Prefill the joining prompts (one call, left-padded to the longest, as generate prefills a batch),
+        then put each in the next row, right-aligned to the timeline."""
         gen, cache = self.gen, self.cache
-        ids = torch.tensor(job.request.rows, dtype=torch.int64)
-        p = ids.shape[1]
-        alone = KVCache(gen.info.layers, 1, p, gen.backend.dtype, gen.backend.device)
+        # Padded up to a multiple of PROMPT_BUCKET: a runtime reuses the plans of shapes it has seen.
+        p = -(-max(j.prompt_tokens for j in jobs) // PROMPT_BUCKET) * PROMPT_BUCKET
+        pad = torch.tensor([p - j.prompt_tokens for j in jobs], dtype=torch.int64)
+        ids = torch.zeros(len(jobs), p, dtype=torch.int64)
+        for i, job in enumerate(jobs):
+            ids[i, pad[i] :] = torch.tensor(job.request.rows[0], dtype=torch.int64)
+        joining = KVCache(gen.info.layers, len(jobs), p, gen.backend.dtype, gen.backend.device)
+        positions = (torch.arange(p)[None] - pad[:, None]).clamp(min=0)
         t0 = time.perf_counter()
-        prefill(
-            gen.backend, alone, ids, torch.arange(p)[None], torch.zeros(1, dtype=torch.int64), gen.info.prefill_chunk
-        )
-        self.stats.prefill_seconds.append(time.perf_counter() - t0)
-        row = len(self.rows)
-        cache.set_batch(row + 1)
-        cache.place_row(row, alone)
-        job._pad = cache.length - p
-        job._rng.manual_seed(job.request.seed)
-        self.rows.append(job)
+        prefill(gen.backend, joining, ids, positions, pad, gen.info.prefill_chunk)
+        self.observer.prefill(time.perf_counter() - t0, len(jobs))
+        for i, job in enumerate(jobs):
+            row = len(self.rows)
+            cache.set_batch(row + 1)
+            cache.place_row(row, joining, i, job.prompt_tokens)
+            job._pad = cache.length - job.prompt_tokens
+            job._rng.manual_seed(job.request.seed)
+            self.rows.append(job)
 
     def _canvas(self) -> None:
         """Denoise one canvas for every row, commit it, let finished rows leave, prefill the rest."""
@@ -276,7 +284,8 @@ class Batcher:
                 draft = end.value
                 break
             self._drafts(event)
-        self.stats.step_seconds += call.step_seconds
+        for seconds in call.step_seconds:
+            self.observer.step(seconds, b)
         for i, job in enumerate(rows):
             self._commit(job, draft[i : i + 1], call.steps_per_canvas[i])
         staying = [j for j in rows if not j.finished and not j._cancelled]
@@ -289,7 +298,7 @@ class Batcher:
             t0 = time.perf_counter()
             kept = [i for i, j in enumerate(rows) if j in staying]  # rows going on have no EOS: draft = commit
             prefill(gen.backend, self.cache, draft[kept], positions[kept], call.pad[kept], gen.info.prefill_chunk)
-            self.stats.prefill_seconds.append(time.perf_counter() - t0)
+            self.observer.prefill(time.perf_counter() - t0, len(kept))
 
     def _drafts(self, event: StepEvent) -> None:
         tok = self.gen.tokenizer
@@ -306,6 +315,7 @@ class Batcher:
         tokens, _ = finalize_canvas(draft, torch.zeros(1, dtype=torch.bool), reached, eos, request.pad_id)
         job.canvases += 1
         job.steps_per_canvas += passes
+        self.observer.canvas(passes[0] if passes else 0)
         row = tokens[0].tolist()
         cut = _until_eos(row, request.eos)
         job.tokens += cut[: request.max_new_tokens - len(job.tokens)]
@@ -332,12 +342,15 @@ class Batcher:
         self.cache.set_batch(len(staying))
 
 
-@dataclass
-class BatchStats:
-    """Timings the server's metrics read (and empty as they go)."""
+class Observer:
+    """What the loop reports as it runs (for a server's metrics); the default records nothing. Called on
+    the loop's thread."""
 
-    step_seconds: list[float] = field(default_factory=list)
-    prefill_seconds: list[float] = field(default_factory=list)
+    def prefill(self, seconds: float, rows: int) -> None: ...
+
+    def step(self, seconds: float, rows: int) -> None: ...
+
+    def canvas(self, steps: int) -> None: ...
 
 
 def _canvases(job: Job, canvas: int) -> int:

@@ -94,14 +94,15 @@ class KVCache:
                 view = self._rows_view(buf, i)
                 view[dst] = view[src]
 
-    def place_row(self, row: int, other: KVCache) -> None:
-        """Put a one-row cache's history into `row`, right-aligned to this cache's timeline."""
-        if other.batch != 1 or other.length > self.length:
-            raise DgrtError(f"cannot place a {other.batch}-row history of {other.length} tokens into {self.length}.")
+    def place_row(self, row: int, other: KVCache, other_row: int, tokens: int) -> None:
+        """Put the last `tokens` of row `other_row` of another cache's history into `row`, right-aligned to
+        this cache's timeline."""
+        if tokens > min(other.length, self.length):
+            raise DgrtError(f"cannot place {tokens} tokens of a {other.length}-token history into {self.length}.")
         for i, ((k_buf, v_buf), (k, v)) in enumerate(zip(self._buffers, other.past(), strict=True)):
-            n = k.shape[2]
-            self._rows_view(k_buf, i)[row, :, self._kept[i] - n :] = k[0]
-            self._rows_view(v_buf, i)[row, :, self._kept[i] - n :] = v[0]
+            n = min(tokens, k.shape[2])  # a sliding layer holds its window's worth
+            self._rows_view(k_buf, i)[row, :, self._kept[i] - n :] = k[other_row, :, k.shape[2] - n :]
+            self._rows_view(v_buf, i)[row, :, self._kept[i] - n :] = v[other_row, :, v.shape[2] - n :]
 
     def _rows_view(self, flat: torch.Tensor, layer: int) -> torch.Tensor:
         """Every allocated row of a layer's buffer at the current layout, [allocated, kv_heads, kept, dim]."""

@@ -1,0 +1,1 @@
+"""`dgrt serve`: an OpenAI-compatible server (install with `pip install 'dgrt[serve]'`)."""

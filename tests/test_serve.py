@@ -1,0 +1,210 @@
+"""`dgrt serve`, driven as users drive it: the official openai client against a real uvicorn server on
+loopback, serving the shipped trained model (string reversal) from its ONNX export."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import dgrt
+from dgrt.runtime.batching import Batcher, Job
+from dgrt.runtime.generator import Generator
+from dgrt.serve.app import create_app
+from dgrt.task import Task
+
+QUESTIONS = Task().examples(8, seed=321)
+MODEL = "reverse"
+KEY = "sk-test-key"
+
+
+@dataclass
+class Server:
+    url: str
+    gen: Generator
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def alone(self, question: str, seed: int, max_new_tokens: int = 48) -> str:
+        """What generate answers alone (batch 1) with this seed: the reference for every served answer."""
+        result = self.gen.generate(question, seed=seed, max_new_tokens=max_new_tokens)
+        return result.texts[0]
+
+    def metric(self, name: str) -> float:
+        lines = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines()
+        return sum(
+            float(line.split()[-1]) for line in lines if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+
+
+@pytest.fixture(scope="module")
+def server(trained_export: Path) -> Iterator[Server]:
+    gen = dgrt.load(trained_export)
+    app = create_app(gen, MODEL, max_batch=4, api_key=KEY, max_body_bytes=64 * 1024)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    yield Server(f"http://127.0.0.1:{port}", gen)
+    uv.should_exit = True
+    thread.join(timeout=30)
+    gen.close()
+
+
+def test_chat_and_completions_answer_as_generate_does(server: Server) -> None:
+    client = server.client()
+    assert [m.id for m in client.models.list()] == [MODEL]
+    q = QUESTIONS[0]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q.question}], seed=7)
+    answer = chat.choices[0].message.content
+    assert answer is not None and answer.strip() == q.answer == server.alone(q.question, 7).strip()
+    assert chat.choices[0].finish_reason == "stop" and chat.object == "chat.completion"
+    assert chat.usage is not None and chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 10
+
+    # Completions take the raw prompt (no chat template); max_tokens cuts the answer.
+    text = client.completions.create(model=MODEL, prompt=q.question, max_tokens=5, seed=1)
+    assert text.choices[0].finish_reason == "length" and text.usage is not None and text.usage.completion_tokens == 5
+    # The diffusion sampler's settings ride along as extra fields.
+    fixed = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": q.question}], seed=7, extra_body={"steps": 8}
+    )
+    assert fixed.choices[0].message.content is not None
+
+
+def test_streaming_sends_each_canvas_then_the_finish_and_usage(server: Server) -> None:
+    client = server.client()
+    q = QUESTIONS[1]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": q.question}],
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"drafts": True},
+        )
+    )
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2  # the answer spans canvases: one delta per committed canvas
+    assert "".join(deltas).strip() == q.answer == server.alone(q.question, 3).strip()
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    drafts = [c.model_extra["dgrt"] for c in chunks if c.model_extra and "dgrt" in c.model_extra]
+    assert drafts and {"draft", "canvas", "step"} <= drafts[0].keys()  # the refining canvas, step by step
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(server: Server) -> None:
+    """Batch invariance: each request answers what it answers alone, whoever shares its batches."""
+    client = server.client()
+    steps_before, rows_before = (
+        server.metric("dgrt_denoise_step_rows_count"),
+        server.metric("dgrt_denoise_step_rows_sum"),
+    )
+
+    def ask(i: int) -> str:
+        q = QUESTIONS[i]
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q.question}], seed=i)
+        return reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers == [server.alone(q.question, i) for i, q in enumerate(QUESTIONS)]
+    assert [a.strip() for a in answers] == [q.answer for q in QUESTIONS]
+    steps = server.metric("dgrt_denoise_step_rows_count") - steps_before
+    rows = server.metric("dgrt_denoise_step_rows_sum") - rows_before
+    assert rows / steps > 1.5  # they did share steps (at most 4 rows a batch here)
+
+
+def test_a_client_that_leaves_frees_its_row(server: Server) -> None:
+    left = server.metric('dgrt_requests_total{endpoint="completions",status="499"}')
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": MODEL, "prompt": "x" * 40, "max_tokens": 400, "stream": True, "stability_threshold": None},
+        timeout=60,
+    ) as response:
+        assert next(response.iter_lines()).startswith("data: ")  # the first canvas is under way
+    deadline = time.time() + 60
+    while server.metric("dgrt_batch_occupancy") > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metric("dgrt_batch_occupancy") == 0  # 25 canvases of 48 steps were not run for nobody
+    assert server.metric('dgrt_requests_total{endpoint="completions",status="499"}') == left + 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"temperature": 0.7}, 400, "Unsupported field 'temperature'"),
+        ({"n": 2}, 400, "Invalid 'n'"),
+        ({"model": "gpt-4"}, 404, "does not exist"),
+        ({"steps": 0}, 400, "steps"),
+        ({"max_tokens": 10**6}, 400, "'max_tokens' is 1000000"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+        ({"messages": []}, 400, "Invalid 'messages'"),
+        ({"messages": [{"role": "user", "content": "x" * 70_000}]}, 413, "over 65536 bytes"),
+    ],
+)
+def test_bad_requests_get_one_sentence_in_openai_error_json(
+    server: Server, body: dict[str, object], status: int, words: str
+) -> None:
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "Reverse: abc"}]} | body
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=request, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert words in error["message"] and {"type", "param", "code"} <= error.keys()
+
+
+def test_the_api_key_guards_the_api_but_not_health(server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    names = ["dgrt_requests_total", "dgrt_queue_depth", "dgrt_batch_occupancy", "dgrt_prefill_seconds_bucket"]
+    names += ["dgrt_denoise_step_seconds_bucket", "dgrt_steps_per_canvas_bucket", "dgrt_generated_tokens_total"]
+    assert all(name in text for name in names)
+
+
+def test_stop_strings_end_the_answer(server: Server) -> None:
+    q = QUESTIONS[2]
+    stop = q.answer[5:7]
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": q.question}], seed=0, stop=stop
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == server.alone(q.question, 0).split(stop)[0]
+
+
+def test_the_batcher_alone_joins_rows_as_they_come(trained_export: Path) -> None:
+    """No HTTP: jobs of different lengths submitted over time join running batches at canvas boundaries and
+    still get generate's tokens."""
+    with dgrt.load(trained_export) as gen:
+        batcher = Batcher(gen, max_batch=3)
+        jobs = []
+        for i, q in enumerate(QUESTIONS):
+            job = Job.create(gen, q.question, seed=i, max_new_tokens=16 * (1 + i % 3), listener=lambda update: None)
+            jobs.append(batcher.submit(job))
+            time.sleep(0.02 * (i % 3))
+        assert all(job.wait(60) for job in jobs)
+        batcher.close()
+        for i, (q, job) in enumerate(zip(QUESTIONS, jobs, strict=True)):
+            limit = 16 * (1 + i % 3)
+            alone = gen.generate(q.question, seed=i, max_new_tokens=limit).tokens[0]
+            eos = next((k for k, t in enumerate(alone) if t in gen.eos_token_id), len(alone))
+            assert job.tokens == alone[: min(eos, limit)]
+            assert job.finish_reason == ("stop" if eos < limit else "length")
