@@ -191,20 +191,22 @@ def test_stop_strings_end_the_answer(server: Server) -> None:
 
 
 def test_the_batcher_alone_joins_rows_as_they_come(trained_export: Path) -> None:
-    """No HTTP: jobs of different lengths submitted over time join running batches at canvas boundaries and
-    still get generate's tokens."""
+    """No HTTP: jobs of different lengths (one with other sampler settings, which waits for a batch of its
+    own) submitted over time join running batches at canvas boundaries and still get generate's tokens."""
+    settings = [{"steps": 8} if i == 3 else {} for i in range(len(QUESTIONS))]
     with dgrt.load(trained_export) as gen:
         batcher = Batcher(gen, max_batch=3)
         jobs = []
         for i, q in enumerate(QUESTIONS):
-            job = Job.create(gen, q.question, seed=i, max_new_tokens=16 * (1 + i % 3), listener=lambda update: None)
+            limit = 16 * (1 + i % 3)
+            job = Job.create(gen, q.question, seed=i, max_new_tokens=limit, listener=lambda u: None, **settings[i])
             jobs.append(batcher.submit(job))
             time.sleep(0.02 * (i % 3))
         assert all(job.wait(60) for job in jobs)
         batcher.close()
         for i, (q, job) in enumerate(zip(QUESTIONS, jobs, strict=True)):
             limit = 16 * (1 + i % 3)
-            alone = gen.generate(q.question, seed=i, max_new_tokens=limit).tokens[0]
+            alone = gen.generate(q.question, seed=i, max_new_tokens=limit, **settings[i]).tokens[0]
             eos = next((k for k, t in enumerate(alone) if t in gen.eos_token_id), len(alone))
             assert job.tokens == alone[: min(eos, limit)]
             assert job.finish_reason == ("stop" if eos < limit else "length")

@@ -8,7 +8,8 @@
 One worker thread runs the loop. Requests join at canvas boundaries and leave as soon as they finish (EOS,
 `max_new_tokens`, a stop string, or cancel()), without waiting for the others. Within a batch each row has
 its own seed stream (drawn only while it denoises), its own length, EOS and stop strings; the rows of one
-batch share the sampler's settings (a request with other settings waits for the batch to drain).
+batch share the sampler's settings (a request with other settings waits for the batch to drain). The loop
+shares the Generator's own canvas loop (`_denoise`) and its lock, so it is in this package, not beside it.
 
 A request's tokens are those `Generator.generate` gives it alone with the same seed, up to the float
 rounding of attention over a longer, masked past: rows share one cache timeline, each row's history
@@ -214,6 +215,8 @@ class Batcher:
                 job._finish("cancelled")
             candidates = list(self.waiting)
         c, cache = self.gen.info.canvas_length, self.cache
+        if not candidates:
+            return
         if not self.rows:
             fresh = [j for j in candidates if j.request.sampler == candidates[0].request.sampler][: self.max_batch]
             length = max((j.prompt_tokens for j in fresh), default=0)
@@ -221,14 +224,15 @@ class Batcher:
             cache.reset()
             cache.start(max((j.prompt_tokens for j in fresh), default=0))
         else:
-            sampler = self.rows[0].request.sampler
-            fresh = [
-                j
-                for j in candidates
-                if j.request.sampler == sampler
-                and j.prompt_tokens <= cache.length
-                and cache.length + _canvases(j, c) * c <= self.capacity
-            ][: self.max_batch - len(self.rows)]
+            # First come, first served, except that a prompt longer than the timeline so far lets the jobs
+            # behind it pass (the timeline grows a canvas at a time); a job that needs the batch to drain
+            # (other sampler settings, or more timeline than is left) stops everyone behind it joining.
+            sampler, fresh = self.rows[0].request.sampler, []
+            for job in candidates:
+                if job.request.sampler != sampler or cache.length + _canvases(job, c) * c > self.capacity:
+                    break
+                if job.prompt_tokens <= cache.length and len(self.rows) + len(fresh) < self.max_batch:
+                    fresh.append(job)
         if fresh:
             self._place(fresh)
             with self._wake:
