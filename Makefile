@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[reference,dev,serve]'
+	$(BIN)/pip install -q -e '.[reference,dev,serve,ray]'
 	touch $@
 
 # TensorRT's type stubs, fixed for mypy, outside the venv: `import tensorrt` keeps failing honestly.

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +152,13 @@ def create_app(
 
     app = FastAPI(title="dgrt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    server_id = f"{socket.gethostname()}:{os.getpid()}"  # which replica answered, behind a load balancer
+
+    @app.middleware("http")
+    async def identify(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers["x-dgrt-server"] = server_id
+        return response
 
     def authorize(request: Request) -> None:
         if api_key is None:
