@@ -17,6 +17,7 @@ same draws.)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from numbers import Integral, Real
 from typing import Any, TypedDict, Unpack
@@ -194,9 +195,9 @@ def step_outputs(
 # -- on [batch, canvas] tensors, in the runtime ----------------------------------------------------
 
 
-def accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+def accept(entropy: torch.Tensor, entropy_bound: float | torch.Tensor) -> torch.Tensor:
     """Positions [B, C] to keep: the lowest-entropy ones whose entropies, summed without the largest of
-    them, stay within the bound (the lowest is always kept)."""
+    them, stay within the bound (a float, or [B, 1] one per row; the lowest is always kept)."""
     sorted_entropy, order = torch.sort(entropy, dim=-1)
     keep_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= entropy_bound
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
@@ -204,18 +205,56 @@ def accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
 
 class AdaptiveStop:
     """Per-row stop: the argmax equals that of each of the last `stability` steps and the mean entropy
-    is below `confidence`. The history starts at -1 (so with stability 1 the earliest stop is step 2)."""
+    is below `confidence`. The history starts at -1 (so with stability 1 the earliest stop is step 2).
+    Both may be given per row ([B] sequences), a row whose confidence is -inf never stopping."""
 
-    def __init__(self, stability: int, confidence: float, batch: int, canvas: int):
-        self.confidence = confidence
-        self.history = torch.full((stability, batch, canvas), -1, dtype=torch.int64)
+    def __init__(self, stability: int | Sequence[int], confidence: float | Sequence[float], batch: int, canvas: int):
+        depths = torch.as_tensor(stability, dtype=torch.int64).expand(batch)
+        self.confidence = torch.as_tensor(confidence, dtype=torch.float32).expand(batch)
+        depth = int(depths.max()) if batch else 0
+        self.history = torch.full((depth, batch, canvas), -1, dtype=torch.int64)
+        self.counted = torch.arange(depth)[:, None] >= depth - depths[None, :]  # each row's last `stability`
 
     def __call__(self, argmax: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
+        stable = ((self.history == argmax[None]).all(dim=-1) | ~self.counted).all(dim=0)
         if len(self.history):
             self.history = torch.roll(self.history, shifts=-1, dims=0)
             self.history[-1] = argmax
         return stable & (entropy.mean(dim=-1) < self.confidence)
+
+
+class RowSettings:
+    """The sampler settings of each row of a batch, as the loop uses them (rows may differ: continuous
+    batching). Row r runs its own `steps`, its own temperature schedule and bound, and stops adaptively
+    by its own thresholds (or never, where they are None)."""
+
+    def __init__(self, samplers: Sequence[SamplerConfig]):
+        self.samplers = list(samplers)
+        self.steps = torch.tensor([s.steps for s in samplers], dtype=torch.int64)
+        self.entropy_bound = torch.tensor([[s.entropy_bound] for s in samplers], dtype=torch.float32)
+        self._distinct = {s: [i for i, t in enumerate(samplers) if t == s] for s in samplers}
+
+    @property
+    def most_steps(self) -> int:
+        return int(self.steps.max())
+
+    def fill_temperature(self, out: torch.Tensor, iteration: int) -> None:
+        """Each row's temperature at this iteration of the canvas (its step counting down from its
+        `steps`; a row past its schedule keeps its last value, unused)."""
+        for sampler, rows in self._distinct.items():
+            out[rows] = sampler.temperature(max(sampler.steps - iteration, 1)).item()
+
+    def adaptive_stop(self, canvas: int) -> AdaptiveStop | None:
+        """None where no row stops adaptively."""
+        on = [s.stability_threshold is not None and s.confidence_threshold is not None for s in self.samplers]
+        if not any(on):
+            return None
+        stability = [(s.stability_threshold or 0) if o else 0 for s, o in zip(self.samplers, on, strict=True)]
+        confidence = [
+            float(s.confidence_threshold) if o and s.confidence_threshold is not None else -math.inf
+            for s, o in zip(self.samplers, on, strict=True)
+        ]
+        return AdaptiveStop(stability, confidence, len(self.samplers), canvas)
 
 
 def finalize_canvas(

@@ -113,3 +113,19 @@ def test_checked_settings_are_plain_python_numbers() -> None:
     assert SamplerConfig().with_overrides(stability_threshold=None).adaptive is False
     with pytest.raises(DgrtError, match=r"unknown sampler setting\(s\) \['temprature'\]"):
         SamplerConfig().with_overrides(temprature=1.0)
+
+
+def test_adaptive_stop_per_row_is_each_rows_own() -> None:
+    """Rows of one batch with their own thresholds (continuous batching) stop as each would alone."""
+    stability, confidence = [0, 1, 2, 3], [1.0, 0.8, 1.2, float("-inf")]  # -inf: the last row never stops
+    together = AdaptiveStop(stability, confidence, batch=4, canvas=6)
+    alone = [AdaptiveStop(k, c, batch=1, canvas=6) for k, c in zip(stability, confidence, strict=True)]
+    gen = torch.Generator().manual_seed(0)
+    argmax = torch.randint(0, 3, (4, 6), generator=gen)
+    for _ in range(10):
+        changed = torch.rand(4, 1, generator=gen) < 0.3
+        argmax = torch.where(changed, torch.randint(0, 3, (4, 6), generator=gen), argmax)
+        entropy = torch.rand(4, 6, generator=gen) * 2
+        expected = torch.cat([stop(argmax[i : i + 1], entropy[i : i + 1]) for i, stop in enumerate(alone)])
+        assert torch.equal(together(argmax, entropy), expected)
+        assert not expected[3]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -191,9 +192,11 @@ def test_stop_strings_end_the_answer(server: Server) -> None:
 
 
 def test_the_batcher_alone_joins_rows_as_they_come(trained_export: Path) -> None:
-    """No HTTP: jobs of different lengths (one with other sampler settings, which waits for a batch of its
-    own) submitted over time join running batches at canvas boundaries and still get generate's tokens."""
-    settings = [{"steps": 8} if i == 3 else {} for i in range(len(QUESTIONS))]
+    """No HTTP: jobs of different lengths and sampler settings (fewer steps, another temperature schedule,
+    no adaptive stopping) submitted over time join running batches at canvas boundaries and still get
+    generate's tokens."""
+    settings: list[dict[str, Any]] = [{} for _ in QUESTIONS]
+    settings[3], settings[5] = {"steps": 8}, {"t_max": 0.5, "stability_threshold": None}
     with dgrt.load(trained_export) as gen:
         batcher = Batcher(gen, max_batch=3)
         jobs = []

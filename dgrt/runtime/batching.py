@@ -7,9 +7,9 @@
 
 One worker thread runs the loop. Requests join at canvas boundaries and leave as soon as they finish (EOS,
 `max_new_tokens`, a stop string, or cancel()), without waiting for the others. Within a batch each row has
-its own seed stream (drawn only while it denoises), its own length, EOS and stop strings; the rows of one
-batch share the sampler's settings (a request with other settings waits for the batch to drain). The loop
-shares the Generator's own canvas loop (`_denoise`) and its lock, so it is in this package, not beside it.
+its own seed stream (drawn only while it denoises), its own sampler settings (steps, temperature schedule,
+entropy bound, adaptive stopping), its own length, EOS and stop strings. The loop is the Generator's own
+canvas loop (`_denoise`, under its lock), so it is in this package, not beside it.
 
 A request's tokens are those `Generator.generate` gives it alone with the same seed, up to the float
 rounding of attention over a longer, masked past: rows share one cache timeline, each row's history
@@ -40,7 +40,7 @@ from dgrt.runtime.generator import (
     prefill,
 )
 from dgrt.runtime.kv_cache import KVCache
-from dgrt.sampler import finalize_canvas
+from dgrt.sampler import RowSettings, finalize_canvas
 
 PROMPT_BUCKET = 32  # joining prompts are prefilled padded to a multiple of this many tokens
 
@@ -207,8 +207,8 @@ class Batcher:
             job._finish("cancelled")
 
     def _admit(self) -> None:
-        """At a canvas boundary: waiting jobs join while the batch has room, shares their sampler settings,
-        and the timeline holds their prompt and their canvases."""
+        """At a canvas boundary: waiting jobs join while the batch has room and the timeline holds their
+        prompt and their canvases."""
         with self._wake:
             for job in [j for j in self.waiting if j._cancelled]:
                 self.waiting.remove(job)
@@ -218,18 +218,18 @@ class Batcher:
         if not candidates:
             return
         if not self.rows:
-            fresh = [j for j in candidates if j.request.sampler == candidates[0].request.sampler][: self.max_batch]
+            fresh = candidates[: self.max_batch]
             length = max((j.prompt_tokens for j in fresh), default=0)
             fresh = [j for j in fresh if length + _canvases(j, c) * c <= self.capacity]
             cache.reset()
             cache.start(max((j.prompt_tokens for j in fresh), default=0))
         else:
             # First come, first served, except that a prompt longer than the timeline so far lets the jobs
-            # behind it pass (the timeline grows a canvas at a time); a job that needs the batch to drain
-            # (other sampler settings, or more timeline than is left) stops everyone behind it joining.
-            sampler, fresh = self.rows[0].request.sampler, []
+            # behind it pass (the timeline grows a canvas at a time); a job that needs more timeline than is
+            # left waits for the batch to drain, and stops everyone behind it joining meanwhile.
+            fresh = []
             for job in candidates:
-                if job.request.sampler != sampler or cache.length + _canvases(job, c) * c > self.capacity:
+                if cache.length + _canvases(job, c) * c > self.capacity:
                     break
                 if job.prompt_tokens <= cache.length and len(self.rows) + len(fresh) < self.max_batch:
                     fresh.append(job)
@@ -267,7 +267,7 @@ class Batcher:
         gen, rows, c = self.gen, self.rows, self.gen.info.canvas_length
         b = len(rows)
         call = _Call(
-            request=rows[0].request,  # the loop reads only its sampler, which every row shares
+            request=rows[0].request,  # the loop reads each row's settings, not this
             ids=torch.empty(b, 0, dtype=torch.int64),
             pad=torch.tensor([j._pad for j in rows], dtype=torch.int64),
             cache=self.cache,
@@ -278,6 +278,7 @@ class Batcher:
             finished=torch.zeros(b, dtype=torch.bool),
             passes=torch.zeros(b, dtype=torch.int64),
             steps_per_canvas=[[] for _ in rows],
+            settings=RowSettings([j.request.sampler for j in rows]),
         )
         positions = call.positions(c)
         events = gen._denoise(call, 0, positions)
@@ -287,7 +288,7 @@ class Batcher:
             except StopIteration as end:
                 draft = end.value
                 break
-            self._drafts(event)
+            self._drafts(event, call.settings.most_steps - event.step)
         for seconds in call.step_seconds:
             self.observer.step(seconds, b)
         for i, job in enumerate(rows):
@@ -304,12 +305,12 @@ class Batcher:
             prefill(gen.backend, self.cache, draft[kept], positions[kept], call.pad[kept], gen.info.prefill_chunk)
             self.observer.prefill(time.perf_counter() - t0, len(kept))
 
-    def _drafts(self, event: StepEvent) -> None:
+    def _drafts(self, event: StepEvent, iteration: int) -> None:
         tok = self.gen.tokenizer
         for i, job in enumerate(self.rows):
             if job.drafts and tok is not None and bool(event.active[i]):
                 text = job.text + tok.decode(_until_eos(event.draft[i].tolist(), job.request.eos))
-                job.listener(Update("draft", text, job.canvases, step=event.step))
+                job.listener(Update("draft", text, job.canvases, step=job.request.sampler.steps - iteration))
 
     def _commit(self, job: Job, draft: torch.Tensor, passes: list[int]) -> None:
         """The row's canvas as generate commits it; the job finishes on EOS, its length or a stop string."""

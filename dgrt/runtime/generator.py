@@ -32,7 +32,7 @@ from dgrt.errors import MAX_SEED, DgrtError
 from dgrt.runtime.backends import Backend, DenoiseInputs, StepOutputs
 from dgrt.runtime.kv_cache import KVCache, LayerShape
 from dgrt.runtime.tokenizer import Tokenizer
-from dgrt.sampler import AdaptiveStop, SamplerConfig, SamplerSettings, accept, finalize_canvas, show
+from dgrt.sampler import RowSettings, SamplerConfig, SamplerSettings, accept, finalize_canvas, show
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message] | Sequence[int] | np.ndarray | torch.Tensor
@@ -194,6 +194,7 @@ class _Call:
     finished: torch.Tensor  # [B] rows done (EOS or max_new_tokens) in a committed canvas
     passes: torch.Tensor  # [B] denoise passes each row took part in
     steps_per_canvas: list[list[int]]
+    settings: RowSettings  # each row's sampler settings (a call's rows share its request's)
     emitted: list[torch.Tensor] = field(default_factory=list)  # committed canvases, [B, C] each
     prefill_seconds: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
@@ -506,33 +507,38 @@ class Generator:
             finished=torch.zeros(b, dtype=torch.bool),
             passes=torch.zeros(b, dtype=torch.int64),
             steps_per_canvas=[[] for _ in range(b)],
+            settings=RowSettings([request.sampler] * b),
         )
 
     def _denoise(self, call: _Call, k: int, positions: torch.Tensor) -> PyGenerator[StepEvent, None, torch.Tensor]:
         """Canvas k, from uniform random tokens, for up to `steps` steps: yields each step's draft and
-        returns the last. A row that stops adaptively keeps its state while the others go on."""
-        sampler, vocab, (b, c) = call.request.sampler, self.info.vocab_size, positions.shape
+        returns the last. A row that stops adaptively, or whose own steps are over, keeps its state while
+        the others go on (rows' settings may differ: see RowSettings)."""
+        settings, vocab, (b, c) = call.settings, self.info.vocab_size, positions.shape
         canvas = call.draws.tokens((b, c), vocab, ~call.finished)
         soft = torch.zeros(b, c, self.info.hidden_size, dtype=self.backend.dtype, device=self.backend.device)
         draft = _Draft(canvas, soft, canvas, torch.zeros(b, c))
-        stability, confidence = sampler.stability_threshold, sampler.confidence_threshold
-        stop = AdaptiveStop(stability, confidence, b, c) if stability is not None and confidence is not None else None
+        stop = settings.adaptive_stop(c)
         done = torch.zeros(b, dtype=torch.bool)  # rows stopped in this canvas
         passes = torch.zeros(b, dtype=torch.int64)
-        for step in range(sampler.steps, 0, -1):
+        most = settings.most_steps
+        for i in range(most):
+            done |= i >= settings.steps
+            if done.all():
+                break
             active = ~(done | call.finished)
             passes += active
-            call.temperature.fill_(sampler.temperature(step).item())
+            settings.fill_temperature(call.temperature, i)
             uniform = call.draws.uniform((b, c), active)
             inputs = DenoiseInputs(draft.canvas, draft.soft, positions, call.pad, call.temperature, uniform)
             out = self._step(call, inputs)
             noise = call.draws.tokens((b, c), vocab, active)
-            renoised = torch.where(accept(out.entropy, sampler.entropy_bound), out.sample, noise)
+            renoised = torch.where(accept(out.entropy, settings.entropy_bound), out.sample, noise)
             new = _Draft(renoised, out.next_soft, out.argmax.clone(), out.entropy.clone())
             draft = draft.keep(done, new) if done.any() else new  # stopped rows keep their state
             if stop is not None:
                 done |= stop(draft.argmax, draft.entropy)
-            yield StepEvent(k, step, draft.argmax, ~(done | call.finished))
+            yield StepEvent(k, most - i, draft.argmax, ~(done | call.finished))
             if done.all():
                 break
         call.count(passes)
