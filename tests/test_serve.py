@@ -181,6 +181,17 @@ def test_the_api_key_guards_the_api_but_not_health(server: Server) -> None:
     assert all(name in text for name in names)
 
 
+def test_a_stop_string_across_canvases_is_never_streamed(server: Server) -> None:
+    """The text a stream sends only grows: an ending that may start a stop string waits for the next canvas."""
+    q = next(q for q in QUESTIONS if len(q.answer) >= 18)
+    stop = q.answer[15:17]  # the canvas holds 16 tokens: this stop string starts in the first, ends in the second
+    chunks = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": q.question}], seed=5, stop=stop, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == server.alone(q.question, 5).split(stop)[0]
+
+
 def test_stop_strings_end_the_answer(server: Server) -> None:
     q = QUESTIONS[2]
     stop = q.answer[5:7]

@@ -40,7 +40,7 @@ from dgrt.runtime.generator import (
     prefill,
 )
 from dgrt.runtime.kv_cache import KVCache
-from dgrt.sampler import RowSettings, finalize_canvas
+from dgrt.sampler import RowSettings
 
 PROMPT_BUCKET = 32  # joining prompts are prefilled padded to a multiple of this many tokens
 
@@ -118,16 +118,23 @@ class Job:
         return self._done.is_set()
 
     def cancel(self) -> None:
-        """Leave at the next canvas boundary (a waiting job leaves at once)."""
+        """Leave at the next canvas boundary (waiting or running)."""
         self._cancelled = True
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
+    def _notify(self, update: Update) -> None:
+        """Tell the listener; a listener that fails (its client gone) must not stop the loop."""
+        try:
+            self.listener(update)
+        except Exception:  # noqa: BLE001
+            self._cancelled = True
+
     def _finish(self, reason: str, error: str | None = None) -> None:
         self.finish_reason = reason
-        self.listener(Update("done", self.text, self.canvases, finish_reason=reason, error=error))
-        self._done.set()
+        self._done.set()  # before the listener hears it: whoever handles "done" sees `finished`
+        self._notify(Update("done", self.text, self.canvases, finish_reason=reason, error=error))
 
 
 class Batcher:
@@ -221,7 +228,6 @@ class Batcher:
             fresh = candidates[: self.max_batch]
             length = max((j.prompt_tokens for j in fresh), default=0)
             fresh = [j for j in fresh if length + _canvases(j, c) * c <= self.capacity]
-            cache.reset()
             cache.start(max((j.prompt_tokens for j in fresh), default=0))
         else:
             # First come, first served, except that a prompt longer than the timeline so far lets the jobs
@@ -234,10 +240,16 @@ class Batcher:
                 if job.prompt_tokens <= cache.length and len(self.rows) + len(fresh) < self.max_batch:
                     fresh.append(job)
         if fresh:
-            self._place(fresh)
             with self._wake:
                 for job in fresh:
                     self.waiting.remove(job)
+            try:
+                self._place(fresh)
+            except Exception as e:
+                for job in fresh:
+                    if job not in self.rows:
+                        job._finish("error", str(e))
+                raise
 
     def _place(self, jobs: list[Job]) -> None:
         """Prefill the joining prompts (one call, left-padded to the longest, as generate prefills a batch),
@@ -310,32 +322,35 @@ class Batcher:
         for i, job in enumerate(self.rows):
             if job.drafts and tok is not None and bool(event.active[i]):
                 text = job.text + tok.decode(_until_eos(event.draft[i].tolist(), job.request.eos))
-                job.listener(Update("draft", text, job.canvases, step=job.request.sampler.steps - iteration))
+                job._notify(Update("draft", text, job.canvases, step=job.request.sampler.steps - iteration))
 
     def _commit(self, job: Job, draft: torch.Tensor, passes: list[int]) -> None:
-        """The row's canvas as generate commits it; the job finishes on EOS, its length or a stop string."""
+        """The row's canvas as generate commits it (its tokens up to an EOS); the job finishes on EOS, its
+        length or a stop string."""
         c, request = self.gen.info.canvas_length, job.request
         reached = (job.canvases + 1) * c >= request.max_new_tokens
-        eos = torch.tensor(request.eos, dtype=torch.int64) if request.eos else None
-        tokens, _ = finalize_canvas(draft, torch.zeros(1, dtype=torch.bool), reached, eos, request.pad_id)
         job.canvases += 1
         job.steps_per_canvas += passes
         self.observer.canvas(passes[0] if passes else 0)
-        row = tokens[0].tolist()
+        row = draft[0].tolist()
         cut = _until_eos(row, request.eos)
-        job.tokens += cut[: request.max_new_tokens - len(job.tokens)]
+        room = request.max_new_tokens - len(job.tokens)
+        job.tokens += cut[:room]
+        eos = len(cut) < len(row) and len(cut) < room  # an EOS within the tokens the request may have
         tok = self.gen.tokenizer
-        job.text = tok.decode(job.tokens) if tok is not None else ""
+        text = tok.decode(job.tokens) if tok is not None else ""
         if job.first_canvas_seconds is None:
             job.first_canvas_seconds = time.perf_counter() - job.submitted
-        stop_at = min((i for i in (job.text.find(s) for s in job.stop) if i >= 0), default=-1)
+        stop_at = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
         if stop_at >= 0:
-            job.text = job.text[:stop_at]
-        job.listener(Update("canvas", job.text, job.canvases - 1))
-        if stop_at >= 0 or len(cut) < len(row):  # a stop string or an EOS
+            job.text = text[:stop_at]
             job._finish("stop")
-        elif reached:
-            job._finish("length")
+        elif eos or reached:
+            job.text = text
+            job._finish("stop" if eos else "length")
+        else:
+            job.text = _settled(text, job.stop)
+            job._notify(Update("canvas", job.text, job.canvases - 1))
 
     def _compact(self, staying: list[Job]) -> None:
         """Rows that stay move up over the ones that left, keeping their order."""
@@ -364,3 +379,11 @@ def _canvases(job: Job, canvas: int) -> int:
 
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     return row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
+
+
+def _settled(text: str, stops: list[str]) -> str:
+    """What of a growing text can be shown for good: without a character still being decoded (U+FFFD)
+    or an ending that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - hold]

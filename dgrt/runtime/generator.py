@@ -194,7 +194,7 @@ class _Call:
     finished: torch.Tensor  # [B] rows done (EOS or max_new_tokens) in a committed canvas
     passes: torch.Tensor  # [B] denoise passes each row took part in
     steps_per_canvas: list[list[int]]
-    settings: RowSettings  # each row's sampler settings (a call's rows share its request's)
+    settings: RowSettings  # each row's sampler settings (generate's rows share their request's)
     emitted: list[torch.Tensor] = field(default_factory=list)  # committed canvases, [B, C] each
     prefill_seconds: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)

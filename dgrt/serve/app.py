@@ -42,12 +42,19 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class ApiError(Exception):
     """An error answered as OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -59,7 +66,10 @@ class Metrics(Observer):
     def __init__(self, batcher: Callable[[], Batcher | None]):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "dgrt_requests", "Requests answered, by endpoint and HTTP status", ["endpoint", "status"], registry=r
+            "dgrt_requests",
+            "Generation requests ended, by endpoint and status (499: the client left)",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.errors = Counter("dgrt_request_errors", "Requests that failed, by error type", ["type"], registry=r)
         self.tokens = Counter("dgrt_generated_tokens", "Completion tokens sent (rate() gives tokens/s)", registry=r)
@@ -165,7 +175,8 @@ def create_app(
             return
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", "invalid_api_key")
+            message = "Incorrect or missing API key: send 'Authorization: Bearer <key>'."
+            raise ApiError(401, message, code="invalid_api_key")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -206,7 +217,7 @@ def create_app(
     async def complete(request: Request, endpoint: _Endpoint, body: Any, prompt: Any) -> Response:
         if body.model != model_name:
             message = f"The model '{body.model}' does not exist; this server serves '{model_name}'."
-            raise ApiError(404, message, "model_not_found", "model")
+            raise ApiError(404, message, param="model", code="model_not_found")
         batcher = state["batcher"]
         if batcher is None:
             raise ApiError(503, "The server is not running.", "server_error")
@@ -218,7 +229,8 @@ def create_app(
         loop, updates = asyncio.get_running_loop(), asyncio.Queue[Update]()
         try:
             stops = body.stop_strings()
-            job = Job.create(
+            job = await asyncio.to_thread(
+                Job.create,
                 gen,
                 prompt,
                 chat=endpoint.chat,
@@ -266,7 +278,8 @@ class _Reply:
         }
 
     def _finished(self, update: Update) -> None:
-        status = 200 if update.finish_reason in ("stop", "length") else 500
+        failure = _failure(update)
+        status = 200 if failure is None else failure.status
         self.metrics.requests.labels(self.endpoint.name, str(status)).inc()
         self.metrics.tokens.inc(len(self.job.tokens))
         self.metrics.latency.observe(time.perf_counter() - self.job.submitted)
@@ -274,20 +287,24 @@ class _Reply:
             self.metrics.first_canvas.observe(self.job.first_canvas_seconds)
 
     async def whole(self, updates: asyncio.Queue[Update], request: Request) -> Response:
-        while True:
-            try:
-                update = await asyncio.wait_for(updates.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    self.job.cancel()
-                    self.metrics.requests.labels(self.endpoint.name, "499").inc()
-                    return Response(status_code=499)
-                continue
-            if update.kind == "done":
-                break
+        try:
+            while True:
+                try:
+                    update = await asyncio.wait_for(updates.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                if update.kind == "done":
+                    break
+        finally:
+            if not self.job.finished:  # the client left (or the handler was cancelled): free the row
+                self.job.cancel()
+                self.metrics.requests.labels(self.endpoint.name, "499").inc()
         self._finished(update)
-        if update.finish_reason == "error":
-            raise ApiError(500, f"generation failed: {update.error}", "server_error")
+        failure = _failure(update)
+        if failure is not None:
+            raise failure
         body = self._head(self.endpoint.object)
         body["choices"] = [self.endpoint.choice(update.text, update.finish_reason, delta=False)]
         body["usage"] = self._usage()
@@ -308,9 +325,10 @@ class _Reply:
                         [], dgrt={"draft": update.text, "canvas": update.canvas_index, "step": update.step}
                     )
                     continue
-                if update.kind == "done" and update.finish_reason == "error":
+                failure = _failure(update)
+                if failure is not None:
                     self._finished(update)
-                    yield _sse(ApiError(500, f"generation failed: {update.error}", "server_error").body())
+                    yield _sse(failure.body())
                     return
                 delta, sent = update.text[len(sent) :] if update.text.startswith(sent) else update.text, update.text
                 reason = update.finish_reason if update.kind == "done" else None
@@ -327,6 +345,15 @@ class _Reply:
             if not self.job.finished:  # the client left: its row leaves at the next canvas boundary
                 self.job.cancel()
                 self.metrics.requests.labels(self.endpoint.name, "499").inc()
+
+
+def _failure(update: Update) -> ApiError | None:
+    """The error a finished job's client gets, if it did not finish with an answer."""
+    if update.kind != "done" or update.finish_reason in ("stop", "length"):
+        return None
+    if update.finish_reason == "error":
+        return ApiError(500, f"Generation failed: {update.error}", "server_error")
+    return ApiError(503, "The server stopped before the answer was finished.", "server_error")
 
 
 def _sse(data: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
-"""`dgrt serve` scaled out on Ray Serve: the same app (dgrt.serve.app) in each replica, one replica per GPU
-where there are GPUs, replicas added and removed on the requests in flight.
+"""`dgrt serve` scaled out on Ray Serve: the same app (dgrt.serve.app) in each replica, a GPU per replica
+with `gpus_per_replica=1` (the default 0 runs replicas on CPUs), replicas added and removed on the
+requests in flight.
 
     serve run dgrt.serve.ray_serve:app path=EXPORT [model_name=NAME] [replicas=2 | min_replicas=1
-        max_replicas=4] [max_batch=8] [api_key=KEY] [gpus_per_replica=1] [backend=...] [threads=N]
+        max_replicas=4] [max_batch=8] [max_context=N] [api_key=KEY] [gpus_per_replica=1] [backend=...]
+        [threads=N]
 
 Ray's HTTP proxy answers on port 8000 (`serve run --port` to change it) with the OpenAI API of
 dgrt.serve.app; each replica batches the requests it is given (dgrt.runtime.batching). Autoscaling aims
@@ -36,6 +38,7 @@ class DgrtReplica:
             self.gen,
             self.model_name,
             max_batch=self.options["max_batch"],
+            max_context=self.options.get("max_context"),
             api_key=self.options.get("api_key"),
             owns_generator=True,
         )
@@ -44,18 +47,24 @@ class DgrtReplica:
 def app(args: dict[str, str]) -> serve.Application:
     """The application `serve run dgrt.serve.ray_serve:app path=...` builds (arguments as in the module
     docstring, all strings)."""
-    known = {"path", "model_name", "replicas", "min_replicas", "max_replicas", "max_batch", "api_key",
-             "gpus_per_replica", "backend", "threads"}  # fmt: skip
+    known = {"path", "model_name", "replicas", "min_replicas", "max_replicas", "max_batch", "max_context",
+             "api_key", "gpus_per_replica", "backend", "threads"}  # fmt: skip
     unknown = sorted(set(args) - known)
     if unknown or "path" not in args:
         raise DgrtError(f"dgrt on Ray Serve takes path=EXPORT and optionally {', '.join(sorted(known - {'path'}))}; "
                         f"got {', '.join(unknown) or 'no path'}.")  # fmt: skip
     path = Path(args["path"]).resolve()
     max_batch = _positive(args, "max_batch", 8)
-    gpus = float(args.get("gpus_per_replica", "0"))
+    try:
+        gpus = float(args.get("gpus_per_replica", "0"))
+    except ValueError:
+        gpus = -1.0
+    if not gpus >= 0:
+        raise DgrtError(f"gpus_per_replica={args['gpus_per_replica']}: expected a number of GPUs, 0 or more.")
     options: dict[str, Any] = {"max_batch": max_batch, "api_key": args.get("api_key"), "backend": args.get("backend")}
-    if "threads" in args:
-        options["threads"] = _positive(args, "threads", 1)
+    for name in ("threads", "max_context"):
+        if name in args:
+            options[name] = _positive(args, name, 1)
     scaling: dict[str, Any]
     if "replicas" in args:
         scaling = {"num_replicas": _positive(args, "replicas", 1)}
