@@ -232,7 +232,9 @@ class RowSettings:
         self.samplers = list(samplers)
         self.steps = torch.tensor([s.steps for s in samplers], dtype=torch.int64)
         self.entropy_bound = torch.tensor([[s.entropy_bound] for s in samplers], dtype=torch.float32)
-        self._distinct = {s: [i for i, t in enumerate(samplers) if t == s] for s in samplers}
+        self._distinct: dict[SamplerConfig, list[int]] = {}  # each distinct config: its rows
+        for i, sampler in enumerate(samplers):
+            self._distinct.setdefault(sampler, []).append(i)
 
     @property
     def most_steps(self) -> int:
@@ -246,15 +248,11 @@ class RowSettings:
 
     def adaptive_stop(self, canvas: int) -> AdaptiveStop | None:
         """None where no row stops adaptively."""
-        on = [s.stability_threshold is not None and s.confidence_threshold is not None for s in self.samplers]
-        if not any(on):
+        thresholds = [(s.stability_threshold, s.confidence_threshold) for s in self.samplers]
+        rows = [(k, c) if k is not None and c is not None else (0, -math.inf) for k, c in thresholds]  # off: never
+        if all(c == -math.inf for _, c in rows):
             return None
-        stability = [(s.stability_threshold or 0) if o else 0 for s, o in zip(self.samplers, on, strict=True)]
-        confidence = [
-            float(s.confidence_threshold) if o and s.confidence_threshold is not None else -math.inf
-            for s, o in zip(self.samplers, on, strict=True)
-        ]
-        return AdaptiveStop(stability, confidence, len(self.samplers), canvas)
+        return AdaptiveStop([k for k, _ in rows], [c for _, c in rows], len(rows), canvas)
 
 
 def finalize_canvas(

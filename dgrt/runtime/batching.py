@@ -37,6 +37,7 @@ from dgrt.runtime.generator import (
     StepEvent,
     _Call,
     _Request,
+    drain,
     prefill,
 )
 from dgrt.runtime.kv_cache import KVCache
@@ -162,10 +163,9 @@ class Batcher:
 
     def submit(self, job: Job) -> Job:
         c = self.gen.info.canvas_length
-        need = job.prompt_tokens + math.ceil(job.request.max_new_tokens / c) * c
-        if need > self.capacity:
+        if job.prompt_tokens + _canvases(job, c) * c > self.capacity:
             raise DgrtError(
-                f"the prompt ({job.prompt_tokens} tokens) plus {math.ceil(job.request.max_new_tokens / c)} canvas(es) "
+                f"the prompt ({job.prompt_tokens} tokens) plus {_canvases(job, c)} canvas(es) "
                 f"of {c} exceeds the {self.capacity} tokens this server holds per request; shorten the prompt "
                 "or lower max_tokens."
             )
@@ -293,14 +293,7 @@ class Batcher:
             settings=RowSettings([j.request.sampler for j in rows]),
         )
         positions = call.positions(c)
-        events = gen._denoise(call, 0, positions)
-        while True:
-            try:
-                event = next(events)
-            except StopIteration as end:
-                draft = end.value
-                break
-            self._drafts(event, call.settings.most_steps - event.step)
+        draft = drain(gen._denoise(call, 0, positions), lambda e: self._drafts(e, call.settings.most_steps - e.step))
         for seconds in call.step_seconds:
             self.observer.step(seconds, b)
         for i, job in enumerate(rows):

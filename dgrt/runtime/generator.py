@@ -23,7 +23,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from numbers import Integral
 from types import EllipsisType
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ PROMPT_TYPES = (
     "array or tensor"
 )
 SAMPLER_SETTINGS = tuple(f.name for f in fields(SamplerConfig))
+E = TypeVar("E")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -376,13 +378,7 @@ class Generator:
         # Closed explicitly: if on_event raises, the caller's traceback keeps this frame (and an unclosed
         # stream, which would keep holding the Generator) alive.
         with closing(self._serialised(request, session)) as events:
-            while True:
-                try:
-                    event = next(events)
-                except StopIteration as done:
-                    return done.value
-                if on_event is not None:
-                    on_event(event)
+            return drain(events, on_event)
 
     def _serialised(self, request: _Request, session: Session | None) -> PyGenerator[Event, None, GenerationResult]:
         with self._exclusive():
@@ -524,7 +520,7 @@ class Generator:
         most = settings.most_steps
         for i in range(most):
             done |= i >= settings.steps
-            if done.all():
+            if done.all():  # every row stopped adaptively or ran its steps
                 break
             active = ~(done | call.finished)
             passes += active
@@ -539,8 +535,6 @@ class Generator:
             if stop is not None:
                 done |= stop(draft.argmax, draft.entropy)
             yield StepEvent(k, most - i, draft.argmax, ~(done | call.finished))
-            if done.all():
-                break
         call.count(passes)
         return draft.argmax
 
@@ -631,6 +625,17 @@ class Generator:
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
             texts.append(self.tokenizer.decode(row[:cut]))
         return texts
+
+
+def drain(events: PyGenerator[E, None, R], on_event: Callable[[E], object] | None) -> R:
+    """Run a generator of events to its end, handing each event to `on_event`; returns its return value."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            return done.value
+        if on_event is not None:
+            on_event(event)
 
 
 def prefill(

@@ -394,9 +394,9 @@ class _BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        too_large = ApiError(413, f"The request body is over {self.limit} bytes.").response()
+        too_large = ApiError(413, f"The request body is over {self.limit} bytes.")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large(scope, receive, send)
+            return await too_large.response()(scope, receive, send)
         seen = 0
 
         async def limited() -> Message:
@@ -404,7 +404,7 @@ class _BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError(413, f"The request body is over {self.limit} bytes.")
+                raise too_large
             return message
 
         await self.app(scope, limited, send)
