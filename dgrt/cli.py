@@ -175,6 +175,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     if args.max_batch < 1:
         raise DgrtError(f"--max-batch is {args.max_batch}; expected a positive number of rows.")
+    if not 1 <= args.port <= 65535:
+        raise DgrtError(f"--port is {args.port}; expected a TCP port from 1 to 65535.")
     gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
     name = args.served_model_name or Path(args.path).resolve().name
     app = create_app(gen, name, max_batch=args.max_batch, max_context=args.max_context, api_key=args.api_key,

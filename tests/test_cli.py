@@ -102,6 +102,19 @@ def test_generate_bad_input(cli: Cli, exports: dict[str, Path], args: list[str],
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "/nonexistent"], "neither an export directory"),
+        (["serve", "{export}", "--max-batch", "0"], "--max-batch is 0"),
+        (["serve", "{export}", "--port", "70000"], "--port is 70000"),
+    ],
+)
+def test_serve_bad_input(cli: Cli, exports: dict[str, Path], args: list[str], message: str) -> None:
+    r = cli(*[a.format(export=exports["tiny"]) for a in args])
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_quantized_export_from_the_command_line(cli: Cli, tiny_ckpt: Path, tmp_path: Path) -> None:
     r = cli("export", str(tiny_ckpt), "-o", str(tmp_path / "q"), "--quant", "int4", "--block-size", "32",
              "--no-accuracy")  # fmt: skip
