@@ -178,7 +178,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise DgrtError(f"--port is {args.port}; expected a TCP port from 1 to 65535.")
     gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
-    name = args.served_model_name or Path(args.path).resolve().name
+    name = args.served_model_name or args.model_ids.get("path") or Path(args.path).resolve().name
     app = create_app(gen, name, max_batch=args.max_batch, max_context=args.max_context, api_key=args.api_key,
                      owns_generator=True)  # fmt: skip
     print(f"serving {args.path} as '{name}' on http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch})",
@@ -332,6 +332,19 @@ NO_VERIFY_HELP = (
 )
 
 
+# The arguments of each command that take a checkpoint folder, and so also a Hub model id (with --revision).
+_CHECKPOINT_ARGUMENTS = {
+    "generate": ("path",),
+    "serve": ("path",),
+    "validate": ("reference",),
+    "plan": ("source",),
+    "bench": ("path", "reference"),
+    "export": ("checkpoint",),
+    "inspect": ("checkpoint",),
+}
+REVISION_HELP = "with a Hugging Face Hub model id: the branch, tag or commit to use (default main)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with dgrt's error format: one line, `dgrt: error: ...`, exit status 2."""
 
@@ -344,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dgrt", description="Export, build and run DiffusionGemma models.")
     parser.add_argument("--version", action="version", version=f"dgrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    checkpoint_or_id = "or a Hugging Face Hub model id (owner/name)"
 
     from dgrt.contract.experts import DEFAULT_CAPACITY_FACTOR, FORMULATIONS
     from dgrt.contract.io_spec import DTYPES
@@ -361,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="generate text from an export directory or a checkpoint folder")
-    p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
+    p.add_argument("path", type=Path, help=f"an export directory, a checkpoint folder {checkpoint_or_id}")
     p.add_argument("prompt", nargs="+", help="one or more prompts (several make a batch)")
     p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime for exports")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -384,10 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print ids, text and statistics as JSON, the format to parse (plain output prints a '--- [i]' line "
         "before each row of a batch, but a text may hold any line)",
     )
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="serve an export (or checkpoint) over the OpenAI API, batching requests")
-    p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
+    p.add_argument("path", type=Path, help=f"an export directory, a checkpoint folder {checkpoint_or_id}")
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime for exports")
@@ -399,11 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients pass (default: the folder's name)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="compare an export with the PyTorch reference (transformers)")
     p.add_argument("path", type=Path, help="an export directory")
-    p.add_argument("--reference", type=Path, required=True, help="the checkpoint folder the export came from")
+    p.add_argument(
+        "--reference", type=Path, required=True, help=f"the export's checkpoint: a folder {checkpoint_or_id}"
+    )
     p.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime")
     p.add_argument(
         "--prompt",
@@ -423,13 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps per canvas, >= 1 (default: generation_config)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**63-1 (default 0)")
     p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser(
         "plan", help="will it fit, how fast can it go: memory and speed floors per GPU target, without running it"
     )
     p.add_argument(
-        "source", help="an export directory, a checkpoint folder, or gemma4-26b-a4b (the real model's config)"
+        "source",
+        help=f"an export directory, a checkpoint folder {checkpoint_or_id}, or gemma4-26b-a4b (the real model's "
+        "config, shipped)",
     )
     p.add_argument("--dtype", choices=list(DTYPES), help="default: an export's own, else fp32 (as dgrt export)")
     p.add_argument("--quant", choices=RECIPES, help="plan a quantized export: fp8, int4, int4-experts")
@@ -442,12 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=float, help="denoise steps per canvas (default: generation_config's maximum)")
     p.add_argument("--json", type=Path, help="also write the plan as JSON to this file")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("bench", help="measure prefill, denoise and generation speed (optionally against transformers)")
-    p.add_argument("path", type=Path, help="an export directory or a checkpoint folder")
+    p.add_argument("path", type=Path, help=f"an export directory, a checkpoint folder {checkpoint_or_id}")
     p.add_argument("--backend", type=_backend_list, help="onnxruntime, torch, tensorrt, or several comma-separated")
-    p.add_argument("--reference", type=Path, help="a checkpoint folder: measure transformers the same way")
+    p.add_argument(
+        "--reference", type=Path, help=f"a checkpoint folder {checkpoint_or_id}: measure transformers the same way"
+    )
     p.add_argument("--steps", type=_int_list, default=[8, 16, 48], help="fixed step counts, >= 1 (default 8,16,48)")
     p.add_argument("--prompt-lengths", type=_int_list, help=">= 1; default 16,128,512 (those the context allows)")
     p.add_argument("--past-lengths", type=_int_list, help=">= 0; default 0,256,1024,4096 (those the context allows)")
@@ -455,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help=">= 1 (default 2)")
     p.add_argument("--json", type=Path, help="write every measurement as JSON to this file")
     p.add_argument("--plot", type=Path, help="write a PNG of step latency against past length")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
@@ -466,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("export", help="export the prefill and denoise graphs of a checkpoint to ONNX")
-    p.add_argument("checkpoint", type=Path, help="a DiffusionGemma checkpoint folder (Hugging Face layout)")
+    p.add_argument(
+        "checkpoint", type=Path, help=f"a DiffusionGemma checkpoint folder (Hugging Face layout) {checkpoint_or_id}"
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="the export directory to write")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
@@ -514,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip measuring the quantized export against fp32 (which holds the fp32 model in memory)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_export)
 
     from dgrt.tensorrt.targets import TARGETS
@@ -540,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_lint)
 
     p = sub.add_parser("inspect", help="validate a checkpoint folder and summarise its text model")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=f"a checkpoint folder {checkpoint_or_id}")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_inspect)
     return parser
 
@@ -561,6 +590,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
+def _resolve_model_ids(args: argparse.Namespace) -> None:
+    """Hub model ids among the command's checkpoint arguments -> their snapshot folders (args.model_ids keeps
+    the ids)."""
+    from dgrt.hub import is_model_id, resolve
+
+    args.model_ids = {}
+    for option in _CHECKPOINT_ARGUMENTS.get(args.command, ()):
+        if (value := getattr(args, option)) is not None and is_model_id(value):
+            args.model_ids[option] = str(value)
+            setattr(args, option, resolve(value, args.revision))
+    if getattr(args, "revision", None) is not None and not args.model_ids:
+        raise DgrtError(f"--revision {args.revision} pins a Hugging Face Hub model id, and no argument is one.")
+
+
 def _run(args: argparse.Namespace) -> int:
     from dgrt.fsutil import check_output_file
 
@@ -568,6 +611,7 @@ def _run(args: argparse.Namespace) -> int:
         for option in ("json", "plot", "timing_cache"):  # files written after the work: refuse bad ones now
             if isinstance(path := getattr(args, option, None), Path):
                 check_output_file(path)
+        _resolve_model_ids(args)
         return args.func(args) or 0
     except DgrtError as e:
         print(f"dgrt: error: {e}", file=sys.stderr)

@@ -71,7 +71,7 @@ class Manifest:
     max_context: int
     graphs: dict[str, GraphEntry]  # prefill, denoise
     weights: WeightsEntry
-    files: tuple[str, ...] = ()  # side files copied from the checkpoint (tokenizer, generation config)
+    files: tuple[str, ...] = ()  # side files: the checkpoint's tokenizer and generation config, Polygraphy's loader
     source: dict[str, str] = field(default_factory=dict)
     targets: tuple[str, ...] = TARGETS
     quantization: dict[str, Any] | None = None

@@ -34,6 +34,7 @@ from dgrt.exporter.quantize import (
 from dgrt.exporter.tracing import TraceSettings, drop_logits, is_weight, meta_model, traced_graphs, weight_order
 from dgrt.exporter.weights import WeightFile
 from dgrt.fsutil import atomic_dir, check_output
+from dgrt.interop.polygraphy import write_data_loader
 from dgrt.progress import Progress
 from dgrt.task import TASK_FILE
 
@@ -159,7 +160,7 @@ def export(
             progress.update(f"saving {name}.onnx")
             ir.save(graph, tmp / f"{name}.onnx")
             files[name] = f"{name}.onnx"
-        copied = _copy_side_files(ckpt.path, tmp)
+        copied = [*_copy_side_files(ckpt.path, tmp), write_data_loader(tmp)]
         manifest = build_manifest(
             ckpt=ckpt,
             specs=specs,

@@ -229,6 +229,9 @@ class OnnxRuntimeBackend:
         self._soft: list[torch.Tensor] = []  # two buffers the self-conditioning embeddings ping-pong between
         self._outputs: dict[str, torch.Tensor] = {}
         self._bound: dict[str, dict[str, torch.Tensor]] = {}
+        # Called after every graph run with (graph, inputs, outputs) by graph tensor name, e.g. to record
+        # real feeds (dgrt.interop.polygraphy); the tensors are the backend's buffers: copy what you keep.
+        self.on_run: Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None
         self.routed = RoutedCalls(manifest.experts, manifest.config) if manifest.experts.routed else None
         self._load = torch.zeros(1, dtype=torch.int64, device=self.device)  # a routed call's expert_load
 
@@ -243,9 +246,12 @@ class OnnxRuntimeBackend:
         where = (device.type, device.index or 0, TORCH_TO_NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         (binding.bind_output if output else binding.bind_input)(name, *where)
 
-    def _bind_inputs(self, graph: str, named: dict[str, torch.Tensor], past: list[KV]) -> Any:
+    def _run(
+        self, graph: str, named: dict[str, torch.Tensor], past: list[KV], outputs: dict[str, torch.Tensor]
+    ) -> None:
+        """Run `graph` on its inputs (`named` and the cache), writing into `outputs`, all bound by address."""
         binding = self._bindings[graph]
-        self._bound[graph] = named  # a binding holds addresses: keep its tensors alive until the next bind
+        inputs = {}
         for spec in self.specs[graph].inputs:
             if spec.layer is not None:
                 k, v = past[spec.layer]
@@ -255,7 +261,13 @@ class OnnxRuntimeBackend:
             if tensor.dtype != TORCH_DTYPES[spec.dtype]:
                 raise DgrtError(f"internal: {graph} input {spec.name} is {tensor.dtype}, expected {spec.dtype}.")
             self._bind(binding, spec.name, tensor)
-        return binding
+            inputs[spec.name] = tensor
+        self._bound[graph] = inputs  # a binding holds addresses: keep its tensors alive until the next bind
+        for name, tensor in outputs.items():
+            self._bind(binding, name, tensor, output=True)
+        self.sessions[graph].run_with_iobinding(binding)
+        if self.on_run is not None:
+            self.on_run(graph, inputs, outputs)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
         b, s = ids.shape
@@ -267,11 +279,9 @@ class OnnxRuntimeBackend:
 
         def run(extra: dict[str, torch.Tensor]) -> list[KV]:
             named = {"input_ids": ids, "position_ids": positions, "pad_lengths": pad} | extra
-            binding = self._bind_inputs("prefill", named, past)
             tensors = new + ([self._load] if extra else [])
-            for spec, tensor in zip(self.specs["prefill"].outputs, tensors, strict=True):
-                self._bind(binding, spec.name, tensor, output=True)
-            self.sessions["prefill"].run_with_iobinding(binding)
+            outputs = {spec.name: t for spec, t in zip(self.specs["prefill"].outputs, tensors, strict=True)}
+            self._run("prefill", named, past, outputs)
             return [(new[i], new[i + 1]) for i in range(0, len(new), 2)]
 
         return self._routed_run(ids.numel(), run)
@@ -296,12 +306,8 @@ class OnnxRuntimeBackend:
         next_soft = self._soft[1] if soft.data_ptr() == self._soft[0].data_ptr() else self._soft[0]
 
         def run(extra: dict[str, torch.Tensor]) -> None:
-            binding = self._bind_inputs("denoise", inputs.by_name() | extra, past)
-            for name, tensor in (*outputs.items(), ("next_soft_embeds", next_soft)):
-                self._bind(binding, name, tensor, output=True)
-            if extra:
-                self._bind(binding, "expert_load", self._load, output=True)
-            self.sessions["denoise"].run_with_iobinding(binding)
+            results = outputs | {"next_soft_embeds": next_soft} | ({"expert_load": self._load} if extra else {})
+            self._run("denoise", inputs.by_name() | extra, past, results)
 
         self._routed_run(inputs.canvas_ids.numel(), run)
         host = {name: t.cpu() for name, t in outputs.items()}  # the sampler's [B, C] results (no copy on a CPU)

@@ -34,6 +34,7 @@ def load(
     verify: bool = True,
     providers: Sequence[str] | None = None,
     capacity_factor: float | None = None,
+    revision: str | None = None,
 ) -> Generator:
     """Load a model for generation.
 
@@ -47,9 +48,13 @@ def load(
     runs as a captured CUDA graph). verify (exports): check weights.bin against the manifest's sha256
     (hashed once, then cached by size, mtime and inode); False skips it with a warning. capacity_factor
     (routed MoE): each expert's slots per call as a multiple of its mean load, instead of the export's
-    (more: fewer calls run again after an overflow; fewer: less work per call).
+    (more: fewer calls run again after an overflow; fewer: less work per call). A Hugging Face Hub model id
+    (owner/name) in place of a checkpoint folder is fetched into the Hub cache first (dgrt.hub), at
+    `revision` if given.
     """
-    path = Path(path)
+    from dgrt.hub import resolve
+
+    path = resolve(path, revision)
     name, custom = (backend, None) if isinstance(backend, str) or backend is None else (None, backend)
     if name is not None and name not in BACKENDS:
         raise DgrtError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}.")

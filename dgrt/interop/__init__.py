@@ -1,0 +1,1 @@
+"""dgrt's exports in the tools users already have."""
