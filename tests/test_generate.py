@@ -173,6 +173,16 @@ def test_streaming_yields_drafts_then_canvases(exports: dict[str, Path]) -> None
     assert events[3].tokens.shape == (1, 16)
 
 
+@pytest.mark.parametrize("bound, kept", [(1e-9, 1), (1e9, 16)])
+def test_each_step_says_which_positions_the_sampler_kept(exports: dict[str, Path], bound: float, kept: int) -> None:
+    """The lowest-entropy position is always kept; a bound of (almost) nothing keeps only it, a huge one all."""
+    steps = dgrt.load(exports["tiny"]).stream("Hello", seed=0, steps=2, max_new_tokens=16, entropy_bound=bound)
+    for event in steps:
+        if type(event).__name__ == "StepEvent":
+            assert event.accepted.shape == event.draft.shape == (1, 16)
+            assert int(event.accepted.sum()) == kept
+
+
 @pytest.fixture(scope="module")
 def tiny(exports: dict[str, Path]) -> Generator:
     return dgrt.load(exports["tiny"])

@@ -105,6 +105,9 @@ def test_streaming_sends_each_canvas_then_the_finish_and_usage(server: Server) -
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     drafts = [c.model_extra["dgrt"] for c in chunks if c.model_extra and "dgrt" in c.model_extra]
     assert drafts and {"draft", "canvas", "step"} <= drafts[0].keys()  # the refining canvas, step by step
+    canvas = server.gen.info.canvas_length
+    assert all(len(d["tokens"]) == len(d["accepted"]) == canvas for d in drafts)  # each position, kept or not
+    assert all(isinstance(kept, bool) for d in drafts for kept in d["accepted"])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
@@ -224,3 +227,59 @@ def test_the_batcher_alone_joins_rows_as_they_come(trained_export: Path) -> None
             eos = next((k for k, t in enumerate(alone) if t in gen.eos_token_id), len(alone))
             assert job.tokens == alone[: min(eos, limit)]
             assert job.finish_reason == ("stop" if eos < limit else "length")
+
+
+def chromium(tmp_path: Path) -> Any:
+    """Debian's headless Chromium under Selenium (the packages chromium and chromium-driver; CI installs them
+    and sets DGRT_REQUIRE_BROWSER=1, so that there a missing browser fails instead of skipping)."""
+    import os
+    import shutil
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        if os.environ.get("DGRT_REQUIRE_BROWSER"):
+            pytest.fail("DGRT_REQUIRE_BROWSER is set but chromium or chromedriver is not installed")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000"):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_the_playground_shows_the_canvas_refining_and_the_answer(server: Server, tmp_path: Path) -> None:
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    q = QUESTIONS[2]
+    browser = chromium(tmp_path)
+    try:
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "prompt").send_keys(q.question)
+        browser.find_element(By.ID, "seed").send_keys("5")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 60).until(
+            lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") != "running"
+        )
+        body = browser.find_element(By.TAG_NAME, "body")
+        assert body.get_attribute("data-state") == "done", browser.find_element(By.ID, "error").text
+        answer = browser.find_element(By.ID, "answer").text
+        assert answer.strip() == q.answer == server.alone(q.question, 5).strip()
+        assert int(body.get_attribute("data-drafts") or 0) >= 2  # drawn step by step, not once
+        assert "tokens/s" in browser.find_element(By.ID, "stats").text
+        cells = browser.find_elements(By.CSS_SELECTOR, "#canvas span")
+        assert len(cells) == server.gen.info.canvas_length
+        shot = tmp_path / "playground.png"
+        browser.find_element(By.ID, "canvas").screenshot(str(shot))
+    finally:
+        browser.quit()
+    # The picture, not only the DOM: the canvas is drawn, mostly in the sampler's "kept" green (#1f7a4d).
+    pixels = list(Image.open(shot).convert("RGB").getdata())
+    green = sum(1 for r, g, b in pixels if abs(r - 0x1F) < 12 and abs(g - 0x7A) < 12 and abs(b - 0x4D) < 12)
+    assert green > 0.3 * len(pixels), f"{green} of {len(pixels)} pixels are the kept colour"

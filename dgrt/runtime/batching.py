@@ -55,6 +55,8 @@ class Update:
     text: str  # the draft's text, or everything committed so far
     canvas_index: int
     step: int | None = None
+    pieces: list[str] | None = None  # a draft's canvas, each position's token decoded alone
+    accepted: list[bool] | None = None  # a draft's positions the sampler kept at this step
     finish_reason: str | None = None
     error: str | None = None
 
@@ -314,8 +316,11 @@ class Batcher:
         tok = self.gen.tokenizer
         for i, job in enumerate(self.rows):
             if job.drafts and tok is not None and bool(event.active[i]):
-                text = job.text + tok.decode(_until_eos(event.draft[i].tolist(), job.request.eos))
-                job._notify(Update("draft", text, job.canvases, step=job.request.sampler.steps - iteration))
+                ids = event.draft[i].tolist()
+                text = job.text + tok.decode(_until_eos(ids, job.request.eos))
+                step = job.request.sampler.steps - iteration
+                pieces, accepted = [tok.decode([t]) for t in ids], event.accepted[i].tolist()
+                job._notify(Update("draft", text, job.canvases, step=step, pieces=pieces, accepted=accepted))
 
     def _commit(self, job: Job, draft: torch.Tensor, passes: list[int]) -> None:
         """The row's canvas as generate commits it (its tokens up to an EOS); the job finishes on EOS, its

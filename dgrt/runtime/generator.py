@@ -69,7 +69,8 @@ class StepEvent:
     canvas_index: int
     step: int  # counts down from steps to 1
     draft: torch.Tensor  # [B, C]
-    active: torch.Tensor  # [B] rows still being denoised
+    active: torch.Tensor  # [B] rows this step denoised (a row that stopped earlier keeps its last draft)
+    accepted: torch.Tensor  # [B, C] positions the sampler kept this step (entropy within its bound); the rest renoised
 
 
 @dataclass
@@ -529,12 +530,13 @@ class Generator:
             inputs = DenoiseInputs(draft.canvas, draft.soft, positions, call.pad, call.temperature, uniform)
             out = self._step(call, inputs)
             noise = call.draws.tokens((b, c), vocab, active)
-            renoised = torch.where(accept(out.entropy, settings.entropy_bound), out.sample, noise)
+            kept = accept(out.entropy, settings.entropy_bound)
+            renoised = torch.where(kept, out.sample, noise)
             new = _Draft(renoised, out.next_soft, out.argmax.clone(), out.entropy.clone())
             draft = draft.keep(done, new) if done.any() else new  # stopped rows keep their state
             if stop is not None:
                 done |= stop(draft.argmax, draft.entropy)
-            yield StepEvent(k, most - i, draft.argmax, ~(done | call.finished))
+            yield StepEvent(k, most - i, draft.argmax, active, kept)
         call.count(passes)
         return draft.argmax
 

@@ -5,8 +5,9 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (OpenAI's request and response schema; `stream`
 sends Server-Sent Events, a delta per committed canvas, and with `drafts: true` every refining draft as a
-chunk with a `dgrt` field), GET /v1/models, /health and /metrics (Prometheus). Errors are OpenAI's error
-JSON. With an API key, /v1/* and /metrics need `Authorization: Bearer KEY`.
+chunk with a `dgrt` field), GET /v1/models, /health and /metrics (Prometheus), and at / a playground page
+that shows the canvas refining. Errors are OpenAI's error JSON. With an API key, /v1/* and /metrics need
+`Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +38,7 @@ from dgrt.runtime.generator import Generator
 from dgrt.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes of a request body
+PLAYGROUND = resources.files("dgrt.serve").joinpath("playground.html").read_text(encoding="utf-8")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -187,6 +190,10 @@ def create_app(
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return await api_error(request, _validation_error(exc.errors()))
 
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok" if state["batcher"] is not None else "starting"}
@@ -321,9 +328,8 @@ class _Reply:
             while True:
                 update = await updates.get()
                 if update.kind == "draft":
-                    yield self._chunk(
-                        [], dgrt={"draft": update.text, "canvas": update.canvas_index, "step": update.step}
-                    )
+                    draft = {"draft": update.text, "canvas": update.canvas_index, "step": update.step}
+                    yield self._chunk([], dgrt=draft | {"tokens": update.pieces, "accepted": update.accepted})
                     continue
                 failure = _failure(update)
                 if failure is not None:
