@@ -342,7 +342,7 @@ _CHECKPOINT_ARGUMENTS = {
     "export": ("checkpoint",),
     "inspect": ("checkpoint",),
 }
-REVISION_HELP = "with a Hugging Face Hub model id: the branch, tag or commit to use (default main)"
+REVISION_HELP = "with a Hugging Face Hub model id: its branch, tag or commit (default main)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -398,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print ids, text and statistics as JSON, the format to parse (plain output prints a '--- [i]' line "
         "before each row of a batch, but a text may hold any line)",
     )
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="serve an export (or checkpoint) over the OpenAI API, batching requests")
@@ -414,7 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients pass (default: the folder's name)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="compare an export with the PyTorch reference (transformers)")
@@ -441,7 +439,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps per canvas, >= 1 (default: generation_config)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**63-1 (default 0)")
     p.add_argument("--json", type=Path, help="also write the full report as JSON to this file")
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser(
@@ -463,7 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=float, help="denoise steps per canvas (default: generation_config's maximum)")
     p.add_argument("--json", type=Path, help="also write the plan as JSON to this file")
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("bench", help="measure prefill, denoise and generation speed (optionally against transformers)")
@@ -479,7 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help=">= 1 (default 2)")
     p.add_argument("--json", type=Path, help="write every measurement as JSON to this file")
     p.add_argument("--plot", type=Path, help="write a PNG of step latency against past length")
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tiny", help="write a random HF-layout DiffusionGemma checkpoint")
@@ -541,7 +536,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip measuring the quantized export against fp32 (which holds the fp32 model in memory)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_export)
 
     from dgrt.tensorrt.targets import TARGETS
@@ -569,8 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="validate a checkpoint folder and summarise its text model")
     p.add_argument("checkpoint", type=Path, help=f"a checkpoint folder {checkpoint_or_id}")
-    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_cmd_inspect)
+
+    for command in _CHECKPOINT_ARGUMENTS:
+        sub.choices[command].add_argument("--revision", help=REVISION_HELP)
     return parser
 
 

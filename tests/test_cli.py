@@ -16,7 +16,9 @@ def dgrt(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dgrt", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_demo_answers_a_question_with_the_trained_model(cli: Cli) -> None:
+def test_demo_answers_a_question_with_the_trained_model(cli: Cli, trained_export: Path) -> None:
+    """trained_export is built first so that the demo's export reuses its traced graphs (one trace of the
+    trained model for the whole session, not one here and another when later tests need the fixture)."""
     r = cli("demo")
     assert r.returncode == 0, r.stderr
     assert "exported dgrt's trained string-reversal checkpoint to ONNX" in r.stdout

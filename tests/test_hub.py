@@ -69,23 +69,23 @@ def test_what_reads_as_a_model_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_inspect_a_model_id_from_the_cache_at_a_revision(hub_cache: Path) -> None:
     """The real executable, with the environment variables users set."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
+    cmd = [sys.executable, "-m", "dgrt", "inspect", MODEL, "--revision", OLD]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"snapshots/{OLD}" in run.stdout and "hidden         128," in run.stdout
 
-    def inspect(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dgrt", "inspect", *args], env=env, capture_output=True, text=True)
 
-    main = inspect(MODEL)
+def test_main_is_the_default_revision_and_a_missing_model_is_one_sentence(offline: Path, cli: Cli) -> None:
+    main = cli("inspect", MODEL)
     assert main.returncode == 0, main.stderr
     assert f"snapshots/{MAIN}" in main.stdout and "hidden         64," in main.stdout
-    old = inspect(MODEL, "--revision", OLD)
-    assert old.returncode == 0, old.stderr
-    assert f"snapshots/{OLD}" in old.stdout and "hidden         128," in old.stdout
-    missing = inspect("acme/not-downloaded")
+    missing = cli("inspect", "acme/not-downloaded")
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [
+    assert missing.stderr == (
         "dgrt: error: acme/not-downloaded is not a local folder and not in the Hugging Face cache, and the Hub "
         "cannot be reached (HF_HUB_OFFLINE is set); fetch it once where it can (`hf download acme/not-downloaded`) "
-        "or pass a checkpoint folder."
-    ]
+        "or pass a checkpoint folder.\n"
+    )
 
 
 def test_export_and_load_by_model_id(offline: Path, cli: Cli, tiny_ckpt: Path, tmp_path: Path) -> None:

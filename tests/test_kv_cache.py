@@ -74,3 +74,21 @@ def test_rows_join_right_aligned_and_leave_by_moving_up() -> None:
     assert k_full.shape == (2, 1, 7, 2) and torch.all(k_full[1, :, 2:6] == 3) and torch.all(k_full[:, :, 6] == 0)
     with pytest.raises(DgrtError, match="rows requested"):
         cache.set_batch(4)
+
+
+def test_trimming_the_timeline_keeps_every_rows_history() -> None:
+    """When the longest row has left, the padding every remaining row has is dropped from the timeline."""
+    layers = [LayerShape(1, 2, window=5), LayerShape(2, 2, window=None)]
+    cache = KVCache(layers, batch=2, capacity=16, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    new = [
+        (torch.randn(2, s.num_kv_heads, 10, 2, generator=gen), torch.randn(2, s.num_kv_heads, 10, 2)) for s in layers
+    ]
+    cache.append(new)  # rows whose own histories are their last 7 and 4 tokens: 3 tokens of padding in common
+    cache.trim(3)
+    assert cache.length == 7
+    for (k, v), (nk, nv), s in zip(cache.past(), new, layers, strict=True):
+        kept = 7 if s.window is None else 4
+        assert torch.equal(k, nk[:, :, 10 - kept :]) and torch.equal(v, nv[:, :, 10 - kept :])
+    with pytest.raises(DgrtError, match="cannot trim 8 tokens from a 7-token timeline"):
+        cache.trim(8)

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
 
 import dgrt
-from dgrt.runtime.batching import Batcher, Job
+from dgrt.runtime.batching import Batcher, Job, Observer
 from dgrt.runtime.generator import Generator
 from dgrt.serve.app import create_app
 from dgrt.task import Task
@@ -229,6 +230,31 @@ def test_the_batcher_alone_joins_rows_as_they_come(trained_export: Path) -> None
             assert job.finish_reason == ("stop" if eos < limit else "length")
 
 
+def test_the_timeline_sheds_a_long_prompt_that_left(trained_export: Path) -> None:
+    """Rows share one timeline; once a long prompt's row has left, the padding the others kept for it is
+    dropped, so the timeline does not grow for as long as the server has work."""
+    seen: list[tuple[int, int]] = []  # after each canvas's prefill: rows, the timeline's length
+
+    class Watch(Observer):
+        def prefill(self, seconds: float, rows: int) -> None:
+            seen.append((rows, batcher.cache.length))
+
+    long_prompt, question = "Reverse: " + "abcdefghij" * 5, QUESTIONS[0].question
+    with dgrt.load(trained_export) as gen:
+        batcher = Batcher(gen, max_batch=2, observer=Watch())
+        with gen._exclusive():  # the loop waits for the model: both jobs are waiting when it admits
+            long = batcher.submit(Job.create(gen, long_prompt, seed=1, max_new_tokens=16, listener=lambda u: None))
+            short = batcher.submit(Job.create(gen, question, seed=2, max_new_tokens=64, listener=lambda u: None))
+        assert long.wait(60) and short.wait(60)
+        batcher.close()
+        alone = gen.generate(question, seed=2, max_new_tokens=64).tokens[0]
+    eos = next((k for k, t in enumerate(alone) if t in gen.eos_token_id), len(alone))
+    assert short.tokens == alone[:eos]
+    c = gen.info.canvas_length
+    assert seen[0] == (2, long.prompt_tokens)  # both prompts prefilled together: the long one's timeline
+    assert seen[-1] == (1, short.prompt_tokens + (short.canvases - 1) * c)  # the short row's own history only
+
+
 def chromium(tmp_path: Path) -> Any:
     """Debian's headless Chromium under Selenium (the packages chromium and chromium-driver; CI installs them
     and sets DGRT_REQUIRE_BROWSER=1, so that there a missing browser fails instead of skipping)."""
@@ -280,6 +306,6 @@ def test_the_playground_shows_the_canvas_refining_and_the_answer(server: Server,
     finally:
         browser.quit()
     # The picture, not only the DOM: the canvas is drawn, mostly in the sampler's "kept" green (#1f7a4d).
-    pixels = list(Image.open(shot).convert("RGB").getdata())
-    green = sum(1 for r, g, b in pixels if abs(r - 0x1F) < 12 and abs(g - 0x7A) < 12 and abs(b - 0x4D) < 12)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64).reshape(-1, 3)
+    green = int((np.abs(pixels - [0x1F, 0x7A, 0x4D]) < 12).all(axis=1).sum())
     assert green > 0.3 * len(pixels), f"{green} of {len(pixels)} pixels are the kept colour"

@@ -309,7 +309,8 @@ class Batcher:
         if staying:
             t0 = time.perf_counter()
             kept = [i for i, j in enumerate(rows) if j in staying]  # rows going on have no EOS: draft = commit
-            prefill(gen.backend, self.cache, draft[kept], positions[kept], call.pad[kept], gen.info.prefill_chunk)
+            pad = torch.tensor([j._pad for j in staying], dtype=torch.int64)
+            prefill(gen.backend, self.cache, draft[kept], positions[kept], pad, gen.info.prefill_chunk)
             self.observer.prefill(time.perf_counter() - t0, len(kept))
 
     def _drafts(self, event: StepEvent, iteration: int) -> None:
@@ -351,13 +352,19 @@ class Batcher:
             job._notify(Update("canvas", job.text, job.canvases - 1))
 
     def _compact(self, staying: list[Job]) -> None:
-        """Rows that stay move up over the ones that left, keeping their order."""
+        """Rows that stay move up over the ones that left, keeping their order; the timeline then drops the
+        padding all of them have (a long prompt that left frees its length for new ones)."""
         for dst, job in enumerate(staying):
             src = self.rows.index(job)
             if src != dst:
                 self.cache.move_row(src, dst)
         self.rows = staying
         self.cache.set_batch(len(staying))
+        unused = min((j._pad for j in staying), default=0)
+        if unused:
+            self.cache.trim(unused)
+            for job in staying:
+                job._pad -= unused
 
 
 class Observer:

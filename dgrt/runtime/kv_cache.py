@@ -94,6 +94,19 @@ class KVCache:
                 view = self._rows_view(buf, i)
                 view[dst] = view[src]
 
+    def trim(self, tokens: int) -> None:
+        """Drop the first `tokens` of the timeline from every active row: padding that no row attends to
+        any more (every row's history then starts later; the timeline shrinks by as much)."""
+        if not 0 <= tokens <= self.length:
+            raise DgrtError(f"cannot trim {tokens} tokens from a {self.length}-token timeline.")
+        for i, (k_buf, v_buf) in enumerate(self._buffers):
+            old, new = self._kept[i], self.layers[i].tokens_held(self.length - tokens)
+            rows = self.batch * self.layers[i].num_kv_heads
+            for buf in (k_buf, v_buf):
+                _restride(buf, rows, self.layers[i].head_dim, old, new, new)
+            self._kept[i] = new
+        self.length -= tokens
+
     def place_row(self, row: int, other: KVCache, other_row: int, tokens: int) -> None:
         """Put the last `tokens` of row `other_row` of another cache's history into `row`, right-aligned to
         this cache's timeline."""
