@@ -204,6 +204,8 @@ def test_stop_strings_end_the_answer(server: Server) -> None:
     )
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == server.alone(q.question, 0).split(stop)[0]
+    # usage counts the tokens of what was returned, not those of the stop string and after
+    assert reply.usage is not None and reply.usage.completion_tokens == len(reply.choices[0].message.content)
 
 
 def test_the_batcher_alone_joins_rows_as_they_come(trained_export: Path) -> None:

@@ -41,6 +41,7 @@ from dgrt.runtime.generator import (
     prefill,
 )
 from dgrt.runtime.kv_cache import KVCache
+from dgrt.runtime.tokenizer import Tokenizer
 from dgrt.sampler import RowSettings
 
 PROMPT_BUCKET = 32  # joining prompts are prefilled padded to a multiple of this many tokens
@@ -69,7 +70,7 @@ class Job:
     stop: list[str]
     listener: Callable[[Update], object]
     drafts: bool = False
-    tokens: list[int] = field(default_factory=list)  # committed, EOS and after cut off
+    tokens: list[int] = field(default_factory=list)  # committed; EOS, a stop string and after cut off
     text: str = ""
     canvases: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
@@ -341,8 +342,9 @@ class Batcher:
         if job.first_canvas_seconds is None:
             job.first_canvas_seconds = time.perf_counter() - job.submitted
         stop_at = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
+        if stop_at >= 0 and tok is not None:  # (without a tokenizer there is no text to find it in)
             job.text = text[:stop_at]
+            job.tokens = job.tokens[: _tokens_for(tok, job.tokens, stop_at)]  # what usage counts
             job._finish("stop")
         elif eos or reached:
             job.text = text
@@ -384,6 +386,15 @@ def _canvases(job: Job, canvas: int) -> int:
 
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:
     return row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
+
+
+def _tokens_for(tok: Tokenizer, tokens: list[int], chars: int) -> int:
+    """The fewest leading tokens whose text holds the first `chars` characters of the tokens' text."""
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if len(tok.decode(tokens[:mid])) < chars else (lo, mid)
+    return lo
 
 
 def _settled(text: str, stops: list[str]) -> str:
