@@ -103,3 +103,5 @@ def test_revision_and_missing_models_are_refused_in_one_sentence(offline: Path, 
     assert result.stderr == f"dgrt: error: --revision {OLD} pins a Hugging Face Hub model id, and no argument is one.\n"
     with pytest.raises(DgrtError, match=f"{MODEL} at revision v9 is not a local folder .* --revision v9"):
         resolve(MODEL, "v9")
+    with pytest.raises(DgrtError, match="revision 'v9' pins a Hugging Face Hub model id; .* is a local path"):
+        dgrt.load(tiny_ckpt, backend="torch", revision="v9")

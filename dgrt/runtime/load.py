@@ -52,8 +52,10 @@ def load(
     (owner/name) in place of a checkpoint folder is fetched into the Hub cache first (dgrt.hub), at
     `revision` if given.
     """
-    from dgrt.hub import resolve
+    from dgrt.hub import is_model_id, resolve
 
+    if revision is not None and not is_model_id(path):
+        raise DgrtError(f"revision {revision!r} pins a Hugging Face Hub model id; {path} is a local path.")
     path = resolve(path, revision)
     name, custom = (backend, None) if isinstance(backend, str) or backend is None else (None, backend)
     if name is not None and name not in BACKENDS:
