@@ -35,8 +35,8 @@ from dgrt.runtime.generator import (
     Generator,
     RowDraws,
     StepEvent,
-    _Call,
     _Request,
+    _Rows,
     drain,
     prefill,
 )
@@ -281,26 +281,19 @@ class Batcher:
         """Denoise one canvas for every row, commit it, let finished rows leave, prefill the rest."""
         gen, rows, c = self.gen, self.rows, self.gen.info.canvas_length
         b = len(rows)
-        call = _Call(
-            request=rows[0].request,  # the loop reads each row's settings, not this
-            ids=torch.empty(b, 0, dtype=torch.int64),
+        state = _Rows(
             pad=torch.tensor([j._pad for j in rows], dtype=torch.int64),
             cache=self.cache,
-            canvases=1,
             draws=RowDraws([j._rng for j in rows]),
-            eos=None,
-            temperature=torch.empty(b, dtype=torch.float32),
-            finished=torch.zeros(b, dtype=torch.bool),
-            passes=torch.zeros(b, dtype=torch.int64),
-            steps_per_canvas=[[] for _ in rows],
             settings=RowSettings([j.request.sampler for j in rows]),
+            finished=torch.zeros(b, dtype=torch.bool),  # finished rows left at the last commit
         )
-        positions = call.positions(c)
-        draft = drain(gen._denoise(call, 0, positions), lambda e: self._drafts(e, call.settings.most_steps - e.step))
-        for seconds in call.step_seconds:
+        positions = state.positions(c)
+        draft = drain(gen._denoise(state, 0, positions), lambda e: self._drafts(e, state.settings.most_steps - e.step))
+        for seconds in state.step_seconds:
             self.observer.step(seconds, b)
         for i, job in enumerate(rows):
-            self._commit(job, draft[i : i + 1], call.steps_per_canvas[i])
+            self._commit(job, draft[i : i + 1], state.steps_per_canvas[i])
         staying = [j for j in rows if not j.finished and not j._cancelled]
         for job in rows:
             if job._cancelled and not job.finished:

@@ -182,25 +182,26 @@ class RowDraws(Draws):
 
 
 @dataclass
-class _Call:
-    """One call's state while the loop runs it: the batch, its cache and random stream, and the tallies
-    the result reports."""
+class _Rows:
+    """The rows being denoised and their state across canvases: where each sits in the cache, its random
+    stream and sampler settings, and the tallies a result reports. `generate` makes one per call; the
+    batcher one per canvas of whoever is in its batch."""
 
-    request: _Request
-    ids: torch.Tensor  # [B, P] prefilled first: the prompts left-padded, or a turn's pending canvas and prompt
     pad: torch.Tensor  # [B] left padding of each row
     cache: KVCache
-    canvases: int
     draws: Draws
-    eos: torch.Tensor | None
-    temperature: torch.Tensor  # [B] one buffer, refilled at each step
-    finished: torch.Tensor  # [B] rows done (EOS or max_new_tokens) in a committed canvas
-    passes: torch.Tensor  # [B] denoise passes each row took part in
-    steps_per_canvas: list[list[int]]
     settings: RowSettings  # each row's sampler settings (generate's rows share their request's)
-    emitted: list[torch.Tensor] = field(default_factory=list)  # committed canvases, [B, C] each
-    prefill_seconds: list[float] = field(default_factory=list)
+    finished: torch.Tensor  # [B] rows done (EOS or max_new_tokens) in a committed canvas
+    temperature: torch.Tensor = field(init=False)  # [B] one buffer, refilled at each step
+    passes: torch.Tensor = field(init=False)  # [B] denoise passes each row took part in
+    steps_per_canvas: list[list[int]] = field(init=False)
     step_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        b = len(self.pad)
+        self.temperature = torch.empty(b, dtype=torch.float32)
+        self.passes = torch.zeros(b, dtype=torch.int64)
+        self.steps_per_canvas = [[] for _ in range(b)]
 
     def positions(self, length: int) -> torch.Tensor:
         """[B, length] positions of the next tokens: each row counts from its first real token (its left
@@ -213,6 +214,20 @@ class _Call:
         for i, n in enumerate(passes.tolist()):
             if not self.finished[i]:
                 self.steps_per_canvas[i].append(n)
+
+
+@dataclass
+class _Call:
+    """One `generate`/`stream` call while the loop runs it: its request, what it prefills first, its rows
+    and the canvases committed so far."""
+
+    request: _Request
+    ids: torch.Tensor  # [B, P] prefilled first: the prompts left-padded, or a turn's pending canvas and prompt
+    canvases: int
+    eos: torch.Tensor | None
+    rows: _Rows
+    emitted: list[torch.Tensor] = field(default_factory=list)  # committed canvases, [B, C] each
+    prefill_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -461,12 +476,13 @@ class Generator:
 
     def _run(self, request: _Request, session: Session | None) -> PyGenerator[Event, None, GenerationResult]:
         call = self._prepare(request, session)
-        self._prefill(call, call.ids, call.positions(call.ids.shape[1]))
+        self._prefill(call, call.ids, call.rows.positions(call.ids.shape[1]))
         for k in range(call.canvases):
-            positions = call.positions(self.info.canvas_length)
-            draft = yield from self._denoise(call, k, positions)
+            positions = call.rows.positions(self.info.canvas_length)
+            draft = yield from self._denoise(call.rows, k, positions)
             yield self._commit(call, k, draft)
-            if call.finished.all() or k == call.canvases - 1:  # the last canvas is not prefilled (as in transformers)
+            # The last canvas is not prefilled (as in transformers).
+            if call.rows.finished.all() or k == call.canvases - 1:
                 break
             self._prefill(call, call.emitted[-1], positions)
         return self._result(call, session)
@@ -492,27 +508,17 @@ class Generator:
                 f"the context ({cache.length} cached + {ids.shape[1]} prompt tokens) plus {canvases} canvas(es) "
                 f"of {c} exceeds the {limit} tokens this model supports; shorten the prompt or lower max_new_tokens."
             )
-        return _Call(
-            request=request,
-            ids=ids,
-            pad=pad,
-            cache=cache,
-            canvases=canvases,
-            draws=Draws(request.seed),
-            eos=torch.tensor(request.eos, dtype=torch.int64) if request.eos else None,
-            temperature=torch.empty(b, dtype=torch.float32),
-            finished=torch.zeros(b, dtype=torch.bool),
-            passes=torch.zeros(b, dtype=torch.int64),
-            steps_per_canvas=[[] for _ in range(b)],
-            settings=RowSettings([request.sampler] * b),
-        )
+        settings, finished = RowSettings([request.sampler] * b), torch.zeros(b, dtype=torch.bool)
+        rows = _Rows(pad, cache, Draws(request.seed), settings, finished)
+        eos = torch.tensor(request.eos, dtype=torch.int64) if request.eos else None
+        return _Call(request, ids, canvases, eos, rows)
 
-    def _denoise(self, call: _Call, k: int, positions: torch.Tensor) -> PyGenerator[StepEvent, None, torch.Tensor]:
+    def _denoise(self, rows: _Rows, k: int, positions: torch.Tensor) -> PyGenerator[StepEvent, None, torch.Tensor]:
         """Canvas k, from uniform random tokens, for up to `steps` steps: yields each step's draft and
         returns the last. A row that stops adaptively, or whose own steps are over, keeps its state while
         the others go on (rows' settings may differ: see RowSettings)."""
-        settings, vocab, (b, c) = call.settings, self.info.vocab_size, positions.shape
-        canvas = call.draws.tokens((b, c), vocab, ~call.finished)
+        settings, vocab, (b, c) = rows.settings, self.info.vocab_size, positions.shape
+        canvas = rows.draws.tokens((b, c), vocab, ~rows.finished)
         soft = torch.zeros(b, c, self.info.hidden_size, dtype=self.backend.dtype, device=self.backend.device)
         draft = _Draft(canvas, soft, canvas, torch.zeros(b, c))
         stop = settings.adaptive_stop(c)
@@ -523,13 +529,13 @@ class Generator:
             done |= i >= settings.steps
             if done.all():  # every row stopped adaptively or ran its steps
                 break
-            active = ~(done | call.finished)
+            active = ~(done | rows.finished)
             passes += active
-            settings.fill_temperature(call.temperature, i)
-            uniform = call.draws.uniform((b, c), active)
-            inputs = DenoiseInputs(draft.canvas, draft.soft, positions, call.pad, call.temperature, uniform)
-            out = self._step(call, inputs)
-            noise = call.draws.tokens((b, c), vocab, active)
+            settings.fill_temperature(rows.temperature, i)
+            uniform = rows.draws.uniform((b, c), active)
+            inputs = DenoiseInputs(draft.canvas, draft.soft, positions, rows.pad, rows.temperature, uniform)
+            out = self._step(rows, inputs)
+            noise = rows.draws.tokens((b, c), vocab, active)
             kept = accept(out.entropy, settings.entropy_bound)
             renoised = torch.where(kept, out.sample, noise)
             new = _Draft(renoised, out.next_soft, out.argmax.clone(), out.entropy.clone())
@@ -537,15 +543,16 @@ class Generator:
             if stop is not None:
                 done |= stop(draft.argmax, draft.entropy)
             yield StepEvent(k, most - i, draft.argmax, active, kept)
-        call.count(passes)
+        rows.count(passes)
         return draft.argmax
 
     def _commit(self, call: _Call, k: int, draft: torch.Tensor) -> CanvasEvent:
         """Canvas k's tokens as transformers emits them (EOS and pad applied); marks the rows finished now."""
         reached = (k + 1) * self.info.canvas_length >= call.request.max_new_tokens
-        tokens, call.finished = finalize_canvas(draft, call.finished, reached, call.eos, call.request.pad_id)
+        rows = call.rows
+        tokens, rows.finished = finalize_canvas(draft, rows.finished, reached, call.eos, call.request.pad_id)
         call.emitted.append(tokens)
-        return CanvasEvent(k, tokens, self._texts(call.emitted, call.request.eos), call.finished)
+        return CanvasEvent(k, tokens, self._texts(call.emitted, call.request.eos), rows.finished)
 
     def _result(self, call: _Call, session: Session | None) -> GenerationResult:
         if session is not None:  # its last canvas is prefilled at the start of the next turn
@@ -555,22 +562,22 @@ class Generator:
         return GenerationResult(
             tokens=tokens.tolist(),
             texts=self._texts(call.emitted, call.request.eos),
-            steps_per_canvas=call.steps_per_canvas,
-            tokens_per_forward=(valid / call.passes.clamp(min=1)).tolist(),
+            steps_per_canvas=call.rows.steps_per_canvas,
+            tokens_per_forward=(valid / call.rows.passes.clamp(min=1)).tolist(),
             prefill_seconds=call.prefill_seconds,
-            step_seconds=call.step_seconds,
+            step_seconds=call.rows.step_seconds,
             seed=call.request.seed,
         )
 
     def _prefill(self, call: _Call, ids: torch.Tensor, positions: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        prefill(self.backend, call.cache, ids, positions, call.pad, self.info.prefill_chunk)
+        prefill(self.backend, call.rows.cache, ids, positions, call.rows.pad, self.info.prefill_chunk)
         call.prefill_seconds.append(time.perf_counter() - t0)
 
-    def _step(self, call: _Call, inputs: DenoiseInputs) -> StepOutputs:
+    def _step(self, rows: _Rows, inputs: DenoiseInputs) -> StepOutputs:
         t0 = time.perf_counter()
-        out = self.backend.denoise(inputs, call.cache.past())
-        call.step_seconds.append(time.perf_counter() - t0)
+        out = self.backend.denoise(inputs, rows.cache.past())
+        rows.step_seconds.append(time.perf_counter() - t0)
         return out
 
     # -- helpers ------------------------------------------------------------------------------------
