@@ -103,6 +103,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
         strip_weights=args.strip_weights,
         weight_streaming=args.weight_streaming,
         tf32=args.tf32,
+        one_engine=args.one_engine,
     )
     out = build(
         args.export_dir,
@@ -553,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--strip-weights", action="store_true", help="weight-stripped plans, refilled at load")
     p.add_argument("--weight-streaming", action="store_true", help="stream weights from host memory")
     p.add_argument("--tf32", action="store_true", help="let fp32 GEMMs use TF32 (off: an fp32 engine computes in fp32)")
+    p.add_argument(
+        "--one-engine",
+        action="store_true",
+        help="both graphs in one engine: one copy of the weights on the GPU, not two",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if engines with this key exist")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=_cmd_build)

@@ -228,8 +228,8 @@ class Fit:
     target: str
     runs: bool  # TensorRT runs this precision on it (dgrt.tensorrt.targets)
     usable_bytes: int  # memory less RESERVED_GB
-    one_copy_bytes: int  # weights once, the KV cache and the largest activations
-    tensorrt_bytes: int  # as `dgrt build` builds today: two engines, each with its own copy of the weights
+    one_engine_bytes: int  # `dgrt build --one-engine`: weights once, the KV cache, the largest activations
+    two_engines_bytes: int  # `dgrt build`: an engine per graph, each with its own copy of the weights
     step_floor_s: float
     step_bound: str  # "bandwidth" or "compute"
     routed_step_floor_s: float
@@ -238,11 +238,11 @@ class Fit:
 
     @property
     def fits(self) -> bool:
-        return self.tensorrt_bytes <= self.usable_bytes
+        return self.two_engines_bytes <= self.usable_bytes
 
     @property
-    def fits_one_copy(self) -> bool:
-        return self.one_copy_bytes <= self.usable_bytes
+    def fits_one_engine(self) -> bool:
+        return self.one_engine_bytes <= self.usable_bytes
 
 
 def fit(hw: Hardware, s: Sizes, precision: str, batch: int, canvas: int, steps: float) -> Fit:
@@ -257,8 +257,8 @@ def fit(hw: Hardware, s: Sizes, precision: str, batch: int, canvas: int, steps: 
         target=hw.name,
         runs=TARGETS[hw.name].supports(precision),
         usable_bytes=int(hw.memory_gb * GB - reserved),
-        one_copy_bytes=one,
-        tensorrt_bytes=one + s.weights,
+        one_engine_bytes=one,
+        two_engines_bytes=one + s.weights,
         step_floor_s=step,
         step_bound="bandwidth" if s.denoise_bytes_read / bandwidth >= compute else "compute",
         routed_step_floor_s=routed,
@@ -297,21 +297,22 @@ class Plan:
             f"expert on every token); routed: {_gb(s.routed_bytes_read)}, {s.routed_flops / 1e12:.2f} TFLOP (each "
             f"expert at its capacity, {ROUTED.capacity_factor:g}x the mean load)",
             "",
-            f"{'target':<8}{'usable':>10}{'1 copy':>10}{'TensorRT':>10}  {'fits':<12}{'step floor':>12}{'routed':>10}"
-            f"{'tokens/s':>10}{'routed':>9}",
+            f"{'target':<8}{'usable':>10}{'1 engine':>10}{'2 engines':>10}  {'fits':<12}{'step floor':>12}"
+            f"{'routed':>10}{'tokens/s':>10}{'routed':>9}",
         ]
         for f in self.fits:
-            verdict = "yes" if f.fits else ("1 copy" if f.fits_one_copy else "no")
+            verdict = "yes" if f.fits else ("1 engine" if f.fits_one_engine else "no")
             if not f.runs:
                 verdict = "unsupported"
             lines.append(
-                f"{f.target:<8}{_gb(f.usable_bytes):>10}{_gb(f.one_copy_bytes):>10}{_gb(f.tensorrt_bytes):>10}  "
+                f"{f.target:<8}{_gb(f.usable_bytes):>10}{_gb(f.one_engine_bytes):>10}{_gb(f.two_engines_bytes):>10}  "
                 f"{verdict:<12}{f.step_floor_s * 1e3:>9.2f} ms{f.routed_step_floor_s * 1e3:>7.2f} ms"
                 f"{f.tokens_per_s:>10.0f}{f.routed_tokens_per_s:>9.0f}"
             )
         lines.append(
-            "usable: memory less 2 GB (Jetson: 8 GB) reserved; '1 copy': fits only with one weight copy on the "
-            "device; 'unsupported': TensorRT does not run this precision there; floors: max(bytes read / "
+            "usable: memory less 2 GB (Jetson: 8 GB) reserved; '1 engine': `dgrt build --one-engine` (one copy of "
+            "the weights), '2 engines': `dgrt build` (a copy per graph); fits '1 engine': only as one engine; "
+            "'unsupported': TensorRT does not run this precision there; floors: max(bytes read / "
             "bandwidth, FLOPs / dense peak); tokens/s: a canvas each `steps` denoise steps plus its prefill."
         )
         lines += [f"{target}: {change}" for target, change in self.changes.items()]
@@ -386,13 +387,13 @@ def _first_change(
     precision = recipe.name if recipe is not None else dtype
     if not f.runs:
         return f"TensorRT does not run {precision} there; export with --quant int4 (or --dtype fp16/bf16)."
-    if f.fits_one_copy:
-        return "fits with one copy of the weights on the device; `dgrt build` makes two engines that each hold one."
+    if f.fits_one_engine:
+        return "fits as one engine: dgrt build --one-engine (one copy of the weights; two engines hold two)."
     usable = f.usable_bytes
 
     known = {(dtype, recipe): w}  # each precision's model facts computed once, whatever the contexts tried
 
-    def one_copy(d: str, r: Recipe | None, ctx: int) -> int:
+    def one_engine(d: str, r: Recipe | None, ctx: int) -> int:
         if (d, r) not in known:
             known[d, r] = weights_of(cfg, d, r)
         s = sizes(cfg, known[d, r], d, batch, ctx, min(prompt, ctx - 1))
@@ -405,12 +406,12 @@ def _first_change(
         low, high = cfg.canvas_length + 1, context
         while low < high:  # the longest context that fits
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if one_copy(dtype, recipe, mid) <= usable else (low, mid - 1)
-        if one_copy(dtype, recipe, low) <= usable:
-            return f"lower --context to {low} tokens (one weight copy), or --batch."
+            low, high = (mid, high) if one_engine(dtype, recipe, mid) <= usable else (low, mid - 1)
+        if one_engine(dtype, recipe, low) <= usable:
+            return f"lower --context to {low} tokens (with --one-engine), or --batch."
     for d, r in options:
         name = r.name if r else d
-        if TARGETS[hw.name].supports(name) and one_copy(d, r, context) <= usable:
+        if TARGETS[hw.name].supports(name) and one_engine(d, r, context) <= usable:
             flag = f"--quant {name}" if r else f"--dtype {d}"
-            return f"export with {flag} ({_gb(one_copy(d, r, context))} with one weight copy)."
+            return f"export with {flag} ({_gb(one_engine(d, r, context))} as one engine)."
     return "does not fit at any precision dgrt exports; choose a target with more memory."

@@ -58,7 +58,7 @@ def test_the_real_model_on_every_target(cli: Cli, tmp_path: Path) -> None:
     assert plan["sizes"]["kv_sliding"] == 25 * 8 * 256 * 1023 * 2 * 2
     assert plan["sizes"]["kv"] == plan["sizes"]["kv_sliding"] + 8192 * plan["sizes"]["kv_per_token"]
     fits = {f["target"]: f for f in plan["fits"]}
-    assert fits["h200"]["one_copy_bytes"] < fits["h200"]["usable_bytes"] < fits["l40s"]["one_copy_bytes"] * 3
+    assert fits["h200"]["one_engine_bytes"] < fits["h200"]["usable_bytes"] < fits["l40s"]["one_engine_bytes"] * 3
     assert "--quant fp8" in plan["changes"]["l40s"]  # 50 GB of bf16 weights do not fit in 46 usable GB
     # a denoise step reads every weight: the floor is at least the weights over the bandwidth
     assert fits["h200"]["step_floor_s"] >= plan["sizes"]["weights"] / 4800e9

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,7 +17,7 @@ import torch
 
 import dgrt
 from dgrt.contract import manifest as manifest_mod
-from dgrt.contract.manifest import Manifest
+from dgrt.contract.manifest import GRAPHS, Manifest
 from dgrt.errors import DgrtError
 from dgrt.tensorrt.options import (
     BuildOptions,
@@ -224,6 +225,36 @@ def test_tensorrt_engines_answer_like_onnxruntime(tmp_path: Path) -> None:
     assert sum(a == b for a, b in zip(trt.texts, ort.texts, strict=True)) >= 7
 
 
+@pytest.mark.gpu
+@needs_tensorrt
+def test_one_engine_answers_like_two_and_holds_the_weights_once(tmp_path: Path) -> None:
+    """`dgrt build --one-engine`: the tokens of two engines, and loading it takes device memory for one
+    copy of the weights where two engines take two (the bench preset: 0.3 GB of fp32 weights, far above
+    the allocators' rounding)."""
+    from dgrt.exporter.onnx_export import export
+    from dgrt.presets import write_tiny
+    from dgrt.tensorrt.backend import TensorRTBackend
+    from dgrt.tensorrt.build import build
+
+    export_dir = tmp_path / "onnx"
+    export(write_tiny(tmp_path / "ckpt", preset="bench", seed=0), export_dir)
+    manifest = manifest_of(export_dir)
+    prompts = [list(range(3, 40)), list(range(50, 60))]
+    tokens, taken = {}, {}
+    for layout, options in (("two", BuildOptions()), ("one", BuildOptions(one_engine=True))):
+        engines = build(export_dir, options)
+        torch.cuda.synchronize()
+        free = torch.cuda.mem_get_info()[0]
+        backend = TensorRTBackend(export_dir, manifest, engines)
+        taken[layout] = free - torch.cuda.mem_get_info()[0]
+        tokens[layout] = dgrt.load(export_dir, backend=backend).generate(prompts, seed=0, max_new_tokens=512).tokens
+        backend.close()
+        del backend
+        torch.cuda.empty_cache()
+    assert tokens["one"] == tokens["two"]
+    assert taken["two"] - taken["one"] > 0.8 * manifest.weights.bytes  # the second copy is gone
+
+
 def test_the_gpu_check_runs_here_as_a_dry_run(tmp_path: Path) -> None:
     """tools/gpu_check.py from the source tree, on the CPU (--dry-run), the trained model only (--quick):
     every row runs, agrees with the CPU reference in fp32, and lands in results.json."""
@@ -240,3 +271,68 @@ def test_the_gpu_check_runs_here_as_a_dry_run(tmp_path: Path) -> None:
     assert [row["backend"] for row in rows] == ["torch cpu fp32", "torch cpu bf16"]
     assert not any("error" in row for row in rows)
     assert rows[0]["argmax_agreement"] == 1.0 and rows[0]["task_accuracy"] == 1.0
+
+
+# -- one engine for both graphs --------------------------------------------------------------------------------
+
+
+def test_one_engine_holds_each_weight_once_and_answers_like_the_two_graphs(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    """The model `dgrt build --one-engine` hands TensorRT, run by ONNX Runtime on the recorded calls of a real
+    generation: each graph answers as its own ONNX file does while the other graph's inputs are empty, and
+    every weight is in it once (those of weights.bin, nothing more)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from dgrt.interop.polygraphy import record
+    from dgrt.tensorrt.one_engine import combine, idle_shapes, prefixed
+
+    export_dir = exports["tiny"]
+    manifest = manifest_of(export_dir)
+    model = combine(export_dir, manifest)
+
+    def regions(model: onnx.ModelProto) -> list[tuple[str, ...]]:  # the parts of weights.bin a model reads
+        return [tuple(e.value for e in t.external_data) for t in model.graph.initializer if t.external_data]
+
+    separate = [onnx.load(export_dir / manifest.graphs[g].file, load_external_data=False) for g in GRAPHS]
+    assert len(regions(model)) == len(set(regions(model)))  # each weight once
+    assert set(regions(model)) == set(regions(separate[0]) + regions(separate[1]))
+    assert len(regions(model)) < len(regions(separate[0]) + regions(separate[1]))  # which two engines hold twice
+    assert all(n.name.startswith(("prefill/", "denoise/")) for n in model.graph.node)
+
+    shutil.copy(export_dir / "weights.bin", tmp_path)  # ONNX Runtime refuses external data by a symlink
+    onnx.save(model, tmp_path / "model.onnx")
+    session = ort.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    recording = record(export_dir, steps=2)
+    for graph in GRAPHS:
+        other = "denoise" if graph == "prefill" else "prefill"
+        idle = {
+            prefixed(other, spec.name): np.zeros(idle_shapes(manifest, other)[spec.name], spec.dtype)
+            for spec in manifest.graphs[other].spec.inputs
+        }
+        names = [prefixed(graph, s.name) for s in manifest.graphs[graph].spec.outputs]
+        names += [prefixed(other, s.name) for s in manifest.graphs[other].spec.outputs]
+        for feeds, expected in zip(recording.feeds[graph], recording.outputs[graph], strict=True):
+            outputs = session.run(names, {prefixed(graph, k): v.numpy() for k, v in feeds.items()} | idle)
+            got = dict(zip(names, outputs, strict=True))
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[prefixed(graph, name)], value.numpy(), atol=1e-5, err_msg=name)
+            idle_outputs = {s.name: got[prefixed(other, s.name)] for s in manifest.graphs[other].spec.outputs}
+            assert {name: v.tolist() for name, v in idle_outputs.items() if v.size} == {"expert_load": [0]}
+
+
+def test_one_engine_profiles_leave_the_other_graph_empty(exports: dict[str, Path]) -> None:
+    from dgrt.tensorrt.one_engine import one_engine_profiles
+
+    manifest = manifest_of(exports["tiny"])
+    options = BuildOptions(max_batch=4, max_context=512).checked(manifest.max_context, 16)
+    prefill, denoise = one_engine_profiles({g: profiles(manifest, g, options) for g in GRAPHS}, manifest)
+    assert prefill["prefill/input_ids"] == ((1, 1), (1, 16), (4, 512))
+    assert prefill["denoise/canvas_ids"] == ((0, 16),) * 3  # the canvas is static, the batch empty
+    assert prefill["denoise/past_key_values.1.key"] == ((0, 1, 0, 32),) * 3
+    assert prefill["denoise/expert_slots"] == ((0,),) * 3
+    assert denoise["denoise/canvas_ids"] == ((1, 16), (1, 16), (4, 16))
+    assert denoise["prefill/input_ids"] == ((0, 1),) * 3
+    assert set(prefill) == set(denoise)

@@ -116,8 +116,10 @@ class DiffusionGemma(nn.Module):
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 softcapped logits [B, n, V] of hidden states [B, n, H]. The head is the tied embedding,
-        applied as a 2-D linear (see layers.Linear)."""
-        logits = F.linear(h.reshape(-1, h.shape[-1]), self.embed_tokens.weight).reshape(*h.shape[:-1], -1).float()
+        applied as a 2-D linear (see layers.Linear). No -1 beside the batch in a reshape: a graph with
+        batch 0 (the idle graph of dgrt.tensorrt.one_engine) could not infer it."""
+        weight = self.embed_tokens.weight
+        logits = F.linear(h.reshape(-1, h.shape[-1]), weight).reshape(*h.shape[:-1], weight.shape[0]).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

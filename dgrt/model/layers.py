@@ -156,8 +156,8 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask[:, None, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, values[:, :, None])  # [B, kv, groups, S, D]
-        out = out.reshape(b, self.num_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
-        return self.o_proj(out)
+        out = out.reshape(b, self.num_heads, s, self.head_dim).transpose(1, 2)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))  # no -1 beside a batch of 0
 
 
 class MLP(nn.Module):

@@ -11,6 +11,10 @@ i.e. once per canvas, and replayed for its other steps (the manifest marks the d
 capturable: no data-dependent shapes); where TensorRT cannot run inside a capture, uncaptured with a
 warning.
 
+Engines built with --one-engine hold both graphs and one copy of the weights (dgrt.tensorrt.one_engine):
+one execution context per graph, each on its own optimization profile with the other graph bound empty,
+sharing one activation buffer; tensors are named `<graph>/<name>` there.
+
 TensorRT runs on a stream of its own; the KV cache is appended on torch's current stream, so each call
 first makes its stream wait for the current one, and synchronizes before handing results back.
 """
@@ -26,12 +30,13 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from dgrt.contract.io_spec import TORCH_DTYPES
-from dgrt.contract.manifest import Manifest
+from dgrt.contract.manifest import GRAPHS, Manifest
 from dgrt.errors import DgrtError, DgrtWarning
 from dgrt.exporter.lint import TOPK_MAX_K
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
 from dgrt.runtime.experts import RoutedCalls, run_with_slots
-from dgrt.tensorrt.build import ENGINE_FILE, GRAPHS, require_gpu, require_tensorrt
+from dgrt.tensorrt.build import ENGINE_FILE, require_gpu, require_tensorrt
+from dgrt.tensorrt.one_engine import ONE_ENGINE_PLAN, combine, idle_shapes, parse_path, prefixed
 from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest, outside_profile, profiles
 
 if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
@@ -79,29 +84,35 @@ class TensorRTBackend:
             )
         self.device = torch.device("cuda")
         self.dtype = manifest.torch_dtype
-        self.files = {name: graph.file for name, graph in manifest.graphs.items()}
         self.specs = {name: graph.spec for name, graph in manifest.graphs.items()}
         self.stream = torch.cuda.Stream()
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        options = BuildOptions(**engine_info["options"])
+        self.one_engine = options.one_engine
         self.engines: dict[str, trt.ICudaEngine] = {}
         self.contexts: dict[str, trt.IExecutionContext] = {}
-        options = BuildOptions(**engine_info["options"])
-        for graph in GRAPHS:
-            engine = runtime.deserialize_cuda_engine((engine_dir / f"{graph}.plan").read_bytes())
-            if engine is None:
-                raise DgrtError(f"TensorRT could not load {engine_dir / graph}.plan (its log above says why).")
-            if options.strip_weights:  # refill the weight-stripped plan from the ONNX weights
-                refitter = trt.Refitter(engine, logger)
-                if (
-                    not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(export_dir / self.files[graph]))
-                    or not refitter.refit_cuda_engine()
-                ):
-                    raise DgrtError(f"TensorRT could not refit the {graph} engine from {export_dir}.")
-            if options.weight_streaming:
-                engine.weight_streaming_budget_v2 = engine.get_weight_streaming_automatic_budget()
-            self.engines[graph] = engine
-            self.contexts[graph] = engine.create_execution_context()
+        self._empty = torch.empty(256, dtype=torch.uint8, device="cuda")  # the address of the idle graph's tensors
+        if options.one_engine:
+            engine = self._load(runtime, logger, engine_dir / ONE_ENGINE_PLAN, options, export_dir, manifest)
+            self.engines["model"] = engine
+            # One activation buffer for both contexts: they run one after the other on one stream.
+            size = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(len(GRAPHS)))
+            self._activations = torch.empty(size, dtype=torch.uint8, device="cuda")
+            for i, graph in enumerate(GRAPHS):
+                context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                if not context.set_optimization_profile_async(i, self.stream.cuda_stream):
+                    raise DgrtError(f"TensorRT refused optimization profile {i} ({graph}) of {engine_dir}.")
+                context.set_device_memory(self._activations.data_ptr(), size)
+                for other in GRAPHS:
+                    if other != graph:
+                        self._idle(context, manifest, other)
+                self.contexts[graph] = context
+        else:
+            for graph in GRAPHS:
+                engine = self._load(runtime, logger, engine_dir / f"{graph}.plan", options, export_dir, manifest, graph)
+                self.engines[graph] = engine
+                self.contexts[graph] = engine.create_execution_context()
         self.max_batch: int | None = options.max_batch  # the generator splits larger batches
         self.profiles = {g: profiles(manifest, g, options) for g in GRAPHS}
         self.max_shapes = {g: max_shapes(manifest, g, options) for g in GRAPHS}
@@ -118,6 +129,50 @@ class TensorRTBackend:
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph | None] = {}  # None: runs uncaptured
         routing = manifest.experts
         self.routed = RoutedCalls(routing, manifest.config, TOPK_MAX_K) if routing.routed else None
+
+    @staticmethod
+    def _load(
+        runtime: trt.Runtime,
+        logger: trt.ILogger,
+        plan: Path,
+        options: BuildOptions,
+        export_dir: Path,
+        manifest: Manifest,
+        graph: str | None = None,
+    ) -> trt.ICudaEngine:
+        """An engine from its plan; a weight-stripped one refilled from the ONNX weights it was built from
+        (`graph`'s file, or both graphs combined for one engine)."""
+        import tensorrt as trt
+
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise DgrtError(f"TensorRT could not load {plan} (its log above says why).")
+        if options.strip_weights:
+            refitter = trt.Refitter(engine, logger)
+            onnx_refitter = trt.OnnxParserRefitter(refitter, logger)
+            if graph is not None:
+                refilled = onnx_refitter.refit_from_file(str(export_dir / manifest.graphs[graph].file))
+            else:
+                model = combine(export_dir, manifest).SerializeToString()
+                refilled = onnx_refitter.refit_from_bytes(model, parse_path(export_dir, manifest))
+            if not refilled or not refitter.refit_cuda_engine():
+                raise DgrtError(f"TensorRT could not refit {plan} from {export_dir}.")
+        if options.weight_streaming:
+            engine.weight_streaming_budget_v2 = engine.get_weight_streaming_automatic_budget()
+        return engine
+
+    def _idle(self, context: trt.IExecutionContext, manifest: Manifest, graph: str) -> None:
+        """Bind one graph of the one engine empty, for a context that runs the other graph."""
+        for name, shape in idle_shapes(manifest, graph).items():
+            if not context.set_input_shape(prefixed(graph, name), shape):
+                raise DgrtError(f"TensorRT refused the empty shape {shape} for {prefixed(graph, name)}.")
+            context.set_tensor_address(prefixed(graph, name), self._empty.data_ptr())
+        for spec in manifest.graphs[graph].spec.outputs:
+            context.set_tensor_address(prefixed(graph, spec.name), self._empty.data_ptr())
+
+    def _name(self, graph: str, name: str) -> str:
+        """A graph's tensor as the engine names it."""
+        return prefixed(graph, name) if self.one_engine else name
 
     def _routed_run(self, graph: str, tokens: int, run: Callable[[dict[str, torch.Tensor]], T]) -> T:
         # The slots go to the device with the other host inputs (_bind copies them into its buffer).
@@ -145,16 +200,17 @@ class TensorRTBackend:
                 if name in self.profiles[graph]
                 else None
             )
-            if refused or not context.set_input_shape(name, shape):
+            if refused or not context.set_input_shape(self._name(graph, name), shape):
                 raise DgrtError(refused or f"TensorRT refused shape {shape} for the {graph} engine's input {name}.")
-            context.set_tensor_address(name, tensor.data_ptr())
+            context.set_tensor_address(self._name(graph, name), tensor.data_ptr())
         for spec in self.specs[graph].outputs:
-            shape = _shape(context.get_tensor_shape(spec.name))
-            context.set_tensor_address(spec.name, self._view(graph, spec.name, shape).data_ptr())
+            shape = _shape(context.get_tensor_shape(self._name(graph, spec.name)))
+            context.set_tensor_address(self._name(graph, spec.name), self._view(graph, spec.name, shape).data_ptr())
 
     def _outputs(self, graph: str) -> list[torch.Tensor]:
         context = self.contexts[graph]
-        return [self._view(graph, s.name, _shape(context.get_tensor_shape(s.name))) for s in self.specs[graph].outputs]
+        shapes = [_shape(context.get_tensor_shape(self._name(graph, s.name))) for s in self.specs[graph].outputs]
+        return [self._view(graph, s.name, shape) for s, shape in zip(self.specs[graph].outputs, shapes, strict=True)]
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
         def run(extra: dict[str, torch.Tensor]) -> list[KV]:

@@ -2,7 +2,9 @@
 
 Networks are strongly typed: the precision is the ONNX's (its dtype and Q/DQ), so the same code builds on
 TensorRT 10.x and 11.x (11 removed the precision builder flags). One optimization profile per graph from
-the manifest's dims (dgrt.tensorrt.options); the timing cache is read and written back when given. An
+the manifest's dims (dgrt.tensorrt.options): an engine per graph (prefill.plan, denoise.plan), or with
+--one-engine both graphs in one engine with a profile each (model.plan, dgrt.tensorrt.one_engine), which
+holds one copy of the weights instead of two. The timing cache is read and written back when given. An
 engine directory whose key exists is reused unless forced: the key covers the TensorRT version, GPU,
 precision, profiles, flags and the ONNX digest.
 """
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dgrt.contract import manifest as manifest_mod
-from dgrt.contract.manifest import Manifest
+from dgrt.contract.manifest import GRAPHS
 from dgrt.errors import DgrtError
 from dgrt.fsutil import atomic_dir, atomic_write_bytes
 from dgrt.progress import Progress
+from dgrt.tensorrt.one_engine import ONE_ENGINE_PLAN, combine, one_engine_profiles, parse_path
 from dgrt.tensorrt.options import (
     BuildOptions,
     builder_flags,
@@ -35,7 +40,6 @@ if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-
     import tensorrt as trt
 
 ENGINE_FILE = "engine.json"
-GRAPHS = ("prefill", "denoise")
 
 
 def require_tensorrt() -> str:
@@ -93,11 +97,37 @@ def build(
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.exists() else b""
     # No inputs=: the engines live inside the export by design (EXPORT/engines/<key>); only this key's
     # folder is ever replaced, never the export or the ONNX files it is built from.
+    per_graph = {g: profiles(manifest, g, options) for g in GRAPHS}
     with atomic_dir(out, force=True) as tmp:
-        for graph in GRAPHS:
-            progress.update(f"building the {graph} engine (TensorRT {version}, {gpu})")
-            plan, cache_bytes = _build_graph(builder, logger, export_dir, manifest, graph, options, major, cache_bytes)
-            (tmp / f"{graph}.plan").write_bytes(plan)
+        if options.one_engine:
+            progress.update(f"building one engine for both graphs (TensorRT {version}, {gpu})")
+            model, path = combine(export_dir, manifest).SerializeToString(), parse_path(export_dir, manifest)
+            plan, cache_bytes = _build_engine(
+                builder,
+                logger,
+                lambda parser: parser.parse(model, path),
+                one_engine_profiles(per_graph, manifest),
+                options,
+                major,
+                cache_bytes,
+                f"one engine of {export_dir}",
+            )
+            (tmp / ONE_ENGINE_PLAN).write_bytes(plan)
+        else:
+            for graph in GRAPHS:
+                progress.update(f"building the {graph} engine (TensorRT {version}, {gpu})")
+                onnx_file = str(export_dir / manifest.graphs[graph].file)  # weights.bin next to it (external data)
+                plan, cache_bytes = _build_engine(
+                    builder,
+                    logger,
+                    partial(_parse_file, onnx_file),
+                    [per_graph[graph]],
+                    options,
+                    major,
+                    cache_bytes,
+                    onnx_file,
+                )
+                (tmp / f"{graph}.plan").write_bytes(plan)
         description = {
             "key": key,
             "tensorrt": version,
@@ -109,7 +139,7 @@ def build(
             "builder_flags": builder_flags(major, options),
             "cleared_flags": cleared_flags(options),
             "options": options.__dict__,
-            "profiles": {g: profiles(manifest, g, options) for g in GRAPHS},
+            "profiles": per_graph,
             "onnx": onnx_digest(manifest),
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
@@ -120,17 +150,22 @@ def build(
     return out
 
 
-def _build_graph(
+def _parse_file(onnx_file: str, parser: trt.OnnxParser) -> bool:
+    return parser.parse_from_file(onnx_file)
+
+
+def _build_engine(
     builder: trt.Builder,
     logger: trt.ILogger,
-    export_dir: Path,
-    manifest: Manifest,
-    graph: str,
+    parse: Callable[[trt.OnnxParser], bool],
+    engine_profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
     options: BuildOptions,
     major: int,
     cache_bytes: bytes,
+    source: str,
 ) -> tuple[bytes, bytes]:
-    """(serialized engine, updated timing cache) for one graph."""
+    """(serialized engine, updated timing cache) for the network `parse` reads, with these optimization
+    profiles (input name -> min, opt, max shapes) in order."""
     import tensorrt as trt
 
     flags = 0
@@ -138,10 +173,9 @@ def _build_graph(
         flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    onnx_file = export_dir / manifest.graphs[graph].file
-    if not parser.parse_from_file(str(onnx_file)):  # reads weights.bin next to it (external data)
+    if not parse(parser):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise DgrtError(f"TensorRT's ONNX parser refused {onnx_file}: {errors}")
+        raise DgrtError(f"TensorRT's ONNX parser refused {source}: {errors}")
     config = builder.create_builder_config()
     if options.workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
@@ -150,11 +184,12 @@ def _build_graph(
     for name in cleared_flags(options):
         config.clear_flag(getattr(trt.BuilderFlag, name))
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profiles(manifest, graph, options).items():
-        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-    config.add_optimization_profile(profile)
+    for shapes in engine_profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise DgrtError(f"TensorRT could not build the {graph} engine (its log above says why).")
+        raise DgrtError(f"TensorRT could not build an engine from {source} (its log above says why).")
     return bytes(plan), bytes(config.get_timing_cache().serialize())

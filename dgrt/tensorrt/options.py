@@ -29,6 +29,7 @@ class BuildOptions:
     strip_weights: bool = False  # weight-stripped plan, refilled from the ONNX weights at load
     weight_streaming: bool = False  # keep weights in host memory and stream them (large models, small GPUs)
     tf32: bool = False  # let fp32 GEMMs round their inputs to TF32 (TensorRT's default; off: fp32 means fp32)
+    one_engine: bool = False  # both graphs in one engine: one copy of the weights (dgrt.tensorrt.one_engine)
 
     def checked(self, export_max_context: int, canvas: int) -> BuildOptions:
         if self.max_batch < 1:
