@@ -13,7 +13,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePath
@@ -260,14 +260,26 @@ def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype | None = 
     Built on the meta device, then each parameter is assigned from the checkpoint, so peak memory is the
     weights once (in `dtype`, default the checkpoint's).
     """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    return build_model(ckpt.config, ckpt.state_dict(dtype or ckpt.dtype))
+
+
+def model_sharing(reference: Any, config: ModelConfig, dtype: torch.dtype) -> Any:
+    """The DiffusionGemma torch module on the weights of transformers' model of the same checkpoint: its
+    tensors themselves where `dtype` is theirs (no second copy of the weights in memory), else cast."""
+    tensors = reference.state_dict()  # named as in checkpoints
+    return build_model(config, ((name, tensors[key].to(dtype)) for key, (name, _) in expected_tensors(config).items()))
+
+
+def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Any:
+    """The DiffusionGemma torch module holding `tensors` ((dgrt parameter name, tensor) pairs) as its
+    parameters, not copies."""
     from dgrt.model import DiffusionGemma
 
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     with torch.device("meta"):
-        model = DiffusionGemma(ckpt.config)
-    state = dict(ckpt.state_dict(dtype or ckpt.dtype))
+        model = DiffusionGemma(config)
     # strict=False only because the RoPE buffers are not in checkpoints; they are built on the CPU even
     # under the meta device (dgrt.model.layers.rope_inv_freq). Every parameter is checked below.
-    missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    missing, _ = model.load_state_dict(dict(tensors), strict=False, assign=True)
     assert not [m for m in missing if not m.startswith("inv_freq_")], missing
     return model.eval().requires_grad_(False)
