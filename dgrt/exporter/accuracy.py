@@ -34,7 +34,8 @@ def measure(
 ) -> dict[str, Any]:
     import dgrt
 
-    model = load_model(checkpoint_dir)  # fp32: the reference, and the fp32 side end to end
+    # fp32 whatever the checkpoint stores (the real one is bf16): the reference, and the fp32 side end to end.
+    model = load_model(checkpoint_dir, torch.float32)
     quantized = dgrt.load(export_dir, backend="onnxruntime")
     full = dgrt.load(checkpoint_dir, backend=TorchBackend(model))
     task = Task.from_dir(checkpoint_dir)
