@@ -105,6 +105,9 @@ def layout(fmt: str, shape: Sequence[int], block_size: int) -> Layout:
     return Layout(dims, scale_dims, {"axis": k_axis, "block_size": block_size})
 
 
+CHANNELS_PER_CHUNK = 256
+
+
 def stored(w: torch.Tensor) -> torch.Tensor:
     """A GEMM weight in its stored orientation (see `layout`): [N, K] as is, [E, N, K] as [E*K, N]."""
     return w if w.dim() == 2 else w.transpose(1, 2).reshape(-1, w.shape[1])
@@ -137,13 +140,27 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_stored(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, scale) of a weight in its stored layout (see `layout`), INT4 values unpacked in int8."""
-    rows = stored(w)
-    by_channel = rows if w.dim() == 2 else rows.t()  # [channels, K-like]: the functions above quantize rows
-    q, scale = fp8_weight(by_channel) if fmt == "fp8" else int4_weight(by_channel, block_size)
+    """(values, scale) of a weight in its stored layout (see `layout`), INT4 values unpacked in int8.
+    CHANNELS_PER_CHUNK output channels at a time: an expert stack of the real model is 2 GB in fp32, and
+    the arithmetic on all of it at once held four such temporaries (an INT4 export of the real-width
+    slice peaked at 8.0 GiB)."""
+    n = w.shape[-2]
+    parts = [_quantize_rows(_channels(w, i, min(n, i + CHANNELS_PER_CHUNK)), fmt, block_size)
+             for i in range(0, n, CHANNELS_PER_CHUNK)]  # fmt: skip
+    q, scale = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
     if w.dim() == 3:
         q, scale = q.t(), (scale if fmt == "fp8" else scale.t())
     return q.contiguous(), scale.contiguous()
+
+
+def _channels(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output channels [start, stop) as rows of what each channel's scales cover: a [N, K] weight's rows; for
+    an [E, N, K] stack, the column of the stored [E*K, N] weight (every expert's K values)."""
+    return w[start:stop] if w.dim() == 2 else w[:, start:stop].permute(1, 0, 2).reshape(stop - start, -1)
+
+
+def _quantize_rows(rows: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8_weight(rows) if fmt == "fp8" else int4_weight(rows, block_size)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, lay: Layout) -> torch.Tensor:
