@@ -3,13 +3,14 @@ with `gpus_per_replica=1` (the default 0 runs replicas on CPUs), replicas added 
 requests in flight.
 
     serve run dgrt.serve.ray_serve:app path=EXPORT [model_name=NAME] [replicas=2 | min_replicas=1
-        max_replicas=4] [max_batch=8] [max_context=N] [api_key=KEY] [gpus_per_replica=1] [backend=...]
-        [threads=N]
+        max_replicas=4 [upscale_delay_s=30] [downscale_delay_s=600]] [max_batch=8] [max_context=N]
+        [api_key=KEY] [gpus_per_replica=1] [backend=...] [threads=N]
 
 Ray's HTTP proxy answers on port 8000 (`serve run --port` to change it) with the OpenAI API of
 dgrt.serve.app; each replica batches the requests it is given (dgrt.runtime.batching). Autoscaling aims
 at `max_batch` requests in flight per replica: a replica with a full batch and a queue is what another
-replica relieves.
+replica relieves. The delays are Ray's: how long the load must stay above (below) the target before a
+replica is added (removed); Ray's defaults are 30 s and 600 s.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class DgrtReplica:
 def app(args: dict[str, str]) -> serve.Application:
     """The application `serve run dgrt.serve.ray_serve:app path=...` builds (arguments as in the module
     docstring, all strings)."""
-    known = {"path", "model_name", "replicas", "min_replicas", "max_replicas", "max_batch", "max_context",
-             "api_key", "gpus_per_replica", "backend", "threads"}  # fmt: skip
+    known = {"path", "model_name", "replicas", "min_replicas", "max_replicas", "upscale_delay_s",
+             "downscale_delay_s", "max_batch", "max_context", "api_key", "gpus_per_replica", "backend",
+             "threads"}  # fmt: skip
     unknown = sorted(set(args) - known)
     if unknown or "path" not in args:
         raise DgrtError(f"dgrt on Ray Serve takes path=EXPORT and optionally {', '.join(sorted(known - {'path'}))}; "
@@ -75,6 +77,7 @@ def app(args: dict[str, str]) -> serve.Application:
                 "max_replicas": _positive(args, "max_replicas", 4),
                 "target_ongoing_requests": max_batch,
             }
+            | {name: _positive(args, name, 1) for name in ("upscale_delay_s", "downscale_delay_s") if name in args}
         }
     deployment = serve.deployment(
         name="dgrt",

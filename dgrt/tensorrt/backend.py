@@ -108,6 +108,7 @@ class TensorRTBackend:
                     if other != graph:
                         self._idle(context, manifest, other)
                 self.contexts[graph] = context
+            self.stream.synchronize()  # the profiles are set on the stream
         else:
             for graph in GRAPHS:
                 engine = self._load(runtime, logger, engine_dir / f"{graph}.plan", options, export_dir, manifest, graph)
