@@ -186,6 +186,9 @@ def _build_engine(
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     for shapes in engine_profiles:
         profile = builder.create_optimization_profile()
+        # No weight memory beyond the first profile's: by default TensorRT may give each further profile
+        # weights of its own (laid out for its kernels), a second copy where one engine is meant to hold one.
+        profile.extra_memory_target = 0.0
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
         config.add_optimization_profile(profile)

@@ -5,7 +5,8 @@ Two engines (one per graph) each keep their own copy of every weight: the 26B mo
 `<graph>/<name>` and every weight kept once under its own name, read from the export's weights.bin (the exporter's small
 constants of the same name in both graphs, where their values differ, are each graph's own). TensorRT
 builds it into one engine with one optimization profile per graph (profile i: GRAPHS[i]), in which the
-other graph's inputs are empty (batch 0: idle_shapes), so that graph computes nothing.
+other graph's inputs are empty (batch 0: idle_shapes), so that graph computes nothing, and no weight
+memory beyond the first profile's (dgrt.tensorrt.build).
 The backend makes one execution context per profile; the two share the engine's weights and one
 activation buffer (they never run at the same time).
 
