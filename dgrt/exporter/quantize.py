@@ -29,6 +29,7 @@ from dgrt.contract.manifest import RECIPES
 from dgrt.errors import DgrtError
 
 BLOCK_SIZES = (32, 64, 128)
+CHANNELS_PER_CHUNK = 256  # output channels quantized at once (see quantize_stored)
 FP8_MAX = 448.0  # largest finite E4M3FN value
 INT4_MAX = 7  # symmetric: [-7, 7] is used, -8 never
 QUANTIZED_SUFFIX, SCALE_SUFFIX = "_quantized", "_scale"
@@ -103,9 +104,6 @@ def layout(fmt: str, shape: Sequence[int], block_size: int) -> Layout:
     scale_dims = list(dims)
     scale_dims[k_axis] //= block_size
     return Layout(dims, scale_dims, {"axis": k_axis, "block_size": block_size})
-
-
-CHANNELS_PER_CHUNK = 256
 
 
 def stored(w: torch.Tensor) -> torch.Tensor:

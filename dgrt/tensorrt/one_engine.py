@@ -1,14 +1,14 @@
 """One engine for both graphs: one copy of the weights on the GPU.
 
 Two engines (one per graph) each keep their own copy of every weight: the 26B model in bf16 would need
-2 x 52 GB. Instead both graphs go into one ONNX model, every node, value and symbolic dimension named
-`<graph>/<name>` and every weight kept once under its own name, read from the export's weights.bin (the exporter's small
-constants of the same name in both graphs, where their values differ, are each graph's own). TensorRT
-builds it into one engine with one optimization profile per graph (profile i: GRAPHS[i]), in which the
-other graph's inputs are empty (batch 0: idle_shapes), so that graph computes nothing, and no weight
-memory beyond the first profile's (dgrt.tensorrt.build).
-The backend makes one execution context per profile; the two share the engine's weights and one
-activation buffer (they never run at the same time).
+2 x 52 GB. Instead both graphs go into one ONNX model: every node, value and symbolic dimension named
+`<graph>/<name>`, every weight kept once under its own name and read from the export's weights.bin (the
+exporter's small constants of the same name in both graphs, where their values differ, are each graph's
+own). TensorRT builds it into one engine with one optimization profile per graph (profile i: GRAPHS[i])
+in which the other graph's inputs are empty (batch 0: idle_shapes), so that graph computes nothing, and
+no weight memory beyond the first profile's (dgrt.tensorrt.build). The backend makes one execution
+context per profile; the two share the engine's weights and one activation buffer (they never run at
+the same time).
 
 Pure ONNX here: the model is built and checked without TensorRT (ONNX Runtime runs it in the tests).
 """
@@ -83,10 +83,9 @@ def combine(export_dir: Path, manifest: Manifest) -> onnx.ModelProto:
     graph_proto = onnx.helper.make_graph(
         nodes, "dgrt_prefill_and_denoise", inputs, outputs, initializer=list(weights.values()), value_info=values
     )
-    combined = onnx.helper.make_model(
+    return onnx.helper.make_model(
         graph_proto, opset_imports=list(first.opset_import), producer_name="dgrt", ir_version=first.ir_version
     )
-    return combined
 
 
 def parse_path(export_dir: Path, manifest: Manifest) -> str:
