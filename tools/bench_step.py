@@ -52,7 +52,7 @@ def run_export(path: str, prompt: int, runs: int, threads: int) -> dict[str, obj
     times = timed_runs(lambda: backend.denoise(inputs, cache.past()), runs)
     routed = backend.routed
     return {
-        "side": f"dgrt {manifest.experts.describe()}, ONNX Runtime",
+        "side": f"dgrt {manifest.experts.describe()}, ONNX Runtime ({Path(path).name})",  # several exports: by folder
         "step_s": times,
         "redos": None if routed is None else f"{routed.redos} of {routed.calls} calls",
         "peak_rss_gb": peak_rss_bytes() / 2**30,
