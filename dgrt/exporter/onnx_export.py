@@ -43,9 +43,11 @@ DEFAULT_OPSET = 21
 # torch 2.13's exporter emits opsets 18..23; 21 is the first with blocked INT4 DequantizeLinear.
 SUPPORTED_OPSETS = range(18, 24)
 # Canvas positions per chunk of the denoise graph's vocabulary-sized work, for fp32 exports (ONNX Runtime
-# on a CPU, where memory is scarcer than bandwidth). Other dtypes are for GPUs and take the whole canvas
-# at once: every chunk reads the embedding (1.5 GB in bf16 at the real vocabulary) twice more.
-DEFAULT_HEAD_CHUNK = 64
+# on a CPU). Each chunk reads the embedding twice (LM head, next soft embeddings): 2.9 GB in fp32 at the
+# real vocabulary. On the real-width slice a step took 5.75 s in chunks of 128 against 7.96 s in chunks of
+# 64 (and 6.25 s whole), for about 0.4 GB more memory (docs/measurements.md, "head chunk"). Other dtypes
+# are for GPUs and take the whole canvas at once.
+DEFAULT_HEAD_CHUNK = 128
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
