@@ -509,9 +509,9 @@ class Generator:
                 f"of {c} exceeds the {limit} tokens this model supports; shorten the prompt or lower max_new_tokens."
             )
         settings, finished = RowSettings([request.sampler] * b), torch.zeros(b, dtype=torch.bool)
-        rows = _Rows(pad, cache, Draws(request.seed), settings, finished)
+        state = _Rows(pad, cache, Draws(request.seed), settings, finished)
         eos = torch.tensor(request.eos, dtype=torch.int64) if request.eos else None
-        return _Call(request, ids, canvases, eos, rows)
+        return _Call(request, ids, canvases, eos, state)
 
     def _denoise(self, rows: _Rows, k: int, positions: torch.Tensor) -> PyGenerator[StepEvent, None, torch.Tensor]:
         """Canvas k, from uniform random tokens, for up to `steps` steps: yields each step's draft and
