@@ -135,7 +135,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     import dgrt
     from dgrt.runtime.display import CanvasDisplay, summary
 
-    gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
+    gen = dgrt.load(
+        args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify, engines=args.engines
+    )
     options: dict[str, Any] = {"seed": args.seed, "chat": not args.raw}
     for name in ("max_new_tokens", "steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
                  "confidence_threshold"):  # fmt: skip
@@ -178,7 +180,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise DgrtError(f"--max-batch is {args.max_batch}; expected a positive number of rows.")
     if not 1 <= args.port <= 65535:
         raise DgrtError(f"--port is {args.port}; expected a TCP port from 1 to 65535.")
-    gen = dgrt.load(args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify)
+    gen = dgrt.load(
+        args.path, backend=args.backend, threads=args.threads, verify=not args.no_verify, engines=args.engines
+    )
     name = args.served_model_name or args.model_ids.get("path") or Path(args.path).resolve().name
     app = create_app(gen, name, max_batch=args.max_batch, max_context=args.max_context, api_key=args.api_key,
                      owns_generator=True)  # fmt: skip
@@ -331,6 +335,7 @@ NO_VERIFY_HELP = (
     "skip checking weights.bin against the manifest's sha256 (checked once per file otherwise, then cached; "
     "for huge exports on slow disks: a corrupt file then gives wrong text without an error)"
 )
+ENGINES_HELP = "with --backend tensorrt: the engine build to run (EXPORT/engines/<key>), where there are several"
 
 
 # The arguments of each command that take a checkpoint folder, and so also a Hub model id (with --revision).
@@ -391,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-id", type=int, nargs="*", help="EOS token ids (default: the checkpoint's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--engines", help=ENGINES_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.add_argument("--stream", action="store_true", help="show the canvas being refined, step by step")
     p.add_argument(
@@ -413,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
     p.add_argument("--served-model-name", help="the model id clients pass (default: the folder's name)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--engines", help=ENGINES_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=_cmd_serve)
 

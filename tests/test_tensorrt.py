@@ -176,6 +176,38 @@ def test_engine_key_changes_with_anything_that_changes_the_engine(exports: dict[
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_the_engine_build_to_run_is_found_or_must_be_chosen(exports: dict[str, Path], tmp_path: Path) -> None:
+    """find_engines over engine.json files as `dgrt build` writes them: the one build for this TensorRT and
+    GPU is taken; several are named, with how to choose; builds for other versions say to rebuild."""
+    from dataclasses import asdict
+
+    from dgrt.tensorrt.backend import find_engines
+    from dgrt.tensorrt.options import onnx_digest
+
+    manifest = manifest_of(exports["tiny"])
+
+    def built(key: str, version: str, options: BuildOptions) -> Path:
+        folder = tmp_path / "engines" / key
+        folder.mkdir(parents=True)
+        info = {"onnx": onnx_digest(manifest), "tensorrt": version, "gpu": "NVIDIA H200", "options": asdict(options)}
+        (folder / "engine.json").write_text(json.dumps(info))
+        return folder
+
+    with pytest.raises(DgrtError, match="has no TensorRT engines; build them with: dgrt build"):
+        find_engines(tmp_path, manifest, "10.13.0", "NVIDIA H200")
+    built("old", "10.8.0", BuildOptions())
+    with pytest.raises(DgrtError, match=r"engines for old \(TensorRT 10.8.0, NVIDIA H200\), none for TensorRT 10.13"):
+        find_engines(tmp_path, manifest, "10.13.0", "NVIDIA H200")
+    two = built("two", "10.13.0", BuildOptions())
+    assert find_engines(tmp_path, manifest, "10.13.0", "NVIDIA H200") == two
+    built("one", "10.13.0", BuildOptions(one_engine=True, max_batch=8))
+    with pytest.raises(DgrtError, match=r"2 engine builds .*one \(one engine, max batch 8\), .*two \(two engines, "
+                       r"max batch 1\); choose one with dgrt.load\(..., engines=PATH\) or --engines PATH"):  # fmt: skip
+        find_engines(tmp_path, manifest, "10.13.0", "NVIDIA H200")
+    with pytest.raises(DgrtError, match="engines chooses the TensorRT engine build; it needs backend='tensorrt'"):
+        dgrt.load(exports["tiny"], engines=two)
+
+
 def test_without_tensorrt_build_and_backend_say_what_is_missing(
     exports: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

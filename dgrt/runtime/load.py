@@ -35,6 +35,7 @@ def load(
     providers: Sequence[str] | None = None,
     capacity_factor: float | None = None,
     revision: str | None = None,
+    engines: str | Path | None = None,
 ) -> Generator:
     """Load a model for generation.
 
@@ -50,7 +51,8 @@ def load(
     (routed MoE): each expert's slots per call as a multiple of its mean load, instead of the export's
     (more: fewer calls run again after an overflow; fewer: less work per call). A Hugging Face Hub model id
     (owner/name) in place of a checkpoint folder is fetched into the Hub cache first (dgrt.hub), at
-    `revision` if given.
+    `revision` if given. engines (tensorrt): the engine build to run (EXPORT/engines/<key>), where `dgrt
+    build` made several for this export, TensorRT and GPU.
     """
     from dgrt.hub import is_model_id, resolve
 
@@ -68,6 +70,8 @@ def load(
         raise DgrtError(f"threads is {threads!r}, expected a positive integer (or None for the backend's default).")
     if (device or dtype) and name not in (None, "torch"):
         raise DgrtError(f"device and dtype choose where the torch backend runs; the {name} backend has its own.")
+    if engines is not None and name != "tensorrt":
+        raise DgrtError(f"engines chooses the TensorRT engine build; it needs backend='tensorrt', not {name!r}.")
     if providers is not None and name not in (None, "onnxruntime"):
         raise DgrtError(f"providers choose where ONNX Runtime runs; the {name} backend has its own.")
     if capacity_factor is not None and (isinstance(capacity_factor, bool) or not capacity_factor > 0):
@@ -83,7 +87,7 @@ def load(
             manifest = replace(manifest, experts=replace(manifest.experts, capacity_factor=capacity_factor))
         cfg, max_context, chunk = manifest.config, manifest.max_context, manifest.prefill_chunk
         name = name or ("torch" if device or dtype else "onnxruntime")
-        runner = custom or _export_backend(path, manifest, name, threads, prepack, providers, torch_options)
+        runner = custom or _export_backend(path, manifest, name, threads, prepack, providers, torch_options, engines)
     elif (path / "config.json").exists():
         from dgrt.checkpoint import Checkpoint, load_model
 
@@ -146,13 +150,14 @@ def _export_backend(
     prepack: bool,
     providers: Sequence[str] | None,
     torch_options: dict[str, Any],
+    engines: str | Path | None,
 ) -> Backend:
     if name == "onnxruntime":
         return OnnxRuntimeBackend(path, manifest, threads, list(providers) if providers else None, prepack)
     if name == "tensorrt":
         from dgrt.tensorrt.backend import TensorRTBackend
 
-        return TensorRTBackend(path, manifest)
+        return TensorRTBackend(path, manifest, Path(engines) if engines is not None else None)
     return _torch_backend(_model_from_export(path, manifest), threads, torch_options, manifest.experts)
 
 

@@ -46,18 +46,31 @@ T = TypeVar("T")
 
 
 def find_engines(export_dir: Path, manifest: Manifest, trt_version: str, gpu: str) -> Path:
-    """The engine directory built for this export, TensorRT version and GPU; one clear error otherwise."""
-    found = []
+    """The engine directory built for this export, TensorRT version and GPU; one clear error where there is
+    none, or several to choose from (say, two and one engine, or two --max-batch)."""
+    matching, others = [], []
     for file in sorted((export_dir / "engines").glob(f"*/{ENGINE_FILE}")):
         engine = json.loads(file.read_text())
         if engine["onnx"] != onnx_digest(manifest):
             continue  # built from another export
         if engine["tensorrt"] == trt_version and engine["gpu"] == gpu:
-            return file.parent
-        found.append(f"{file.parent.name} (TensorRT {engine['tensorrt']}, {engine['gpu']})")
-    if found:
+            matching.append((file.parent, engine["options"]))
+        else:
+            others.append(f"{file.parent.name} (TensorRT {engine['tensorrt']}, {engine['gpu']})")
+    if len(matching) == 1:
+        return matching[0][0]
+    if matching:
+        builds = ", ".join(
+            f"{path} ({'one engine' if options.get('one_engine') else 'two engines'}, max batch {options['max_batch']})"
+            for path, options in matching
+        )
         raise DgrtError(
-            f"{export_dir} has engines for {', '.join(found)}, none for TensorRT {trt_version} on {gpu}; "
+            f"{export_dir} has {len(matching)} engine builds for TensorRT {trt_version} on {gpu}: {builds}; choose "
+            "one with dgrt.load(..., engines=PATH) or --engines PATH."
+        )
+    if others:
+        raise DgrtError(
+            f"{export_dir} has engines for {', '.join(others)}, none for TensorRT {trt_version} on {gpu}; "
             f"rebuild with: dgrt build {export_dir}"
         )
     raise DgrtError(f"{export_dir} has no TensorRT engines; build them with: dgrt build {export_dir}")
@@ -76,7 +89,13 @@ class TensorRTBackend:
 
         gpu, _ = require_gpu()
         engine_dir = engine_dir or find_engines(export_dir, manifest, version, gpu)
+        if not (engine_dir / ENGINE_FILE).is_file():
+            raise DgrtError(
+                f"{engine_dir} is not an engine build (no {ENGINE_FILE}); make one with: dgrt build {export_dir}"
+            )
         engine_info = json.loads((engine_dir / ENGINE_FILE).read_text())
+        if engine_info["onnx"] != onnx_digest(manifest):
+            raise DgrtError(f"{engine_dir} was built from another export than {export_dir} (their digests differ).")
         if engine_info["tensorrt"] != version or engine_info["gpu"] != gpu:
             raise DgrtError(
                 f"{engine_dir} was built with TensorRT {engine_info['tensorrt']} for {engine_info['gpu']}; this "
