@@ -265,7 +265,6 @@ def test_one_engine_answers_like_two_and_holds_the_weights_once(tmp_path: Path) 
     the allocators' rounding)."""
     from dgrt.exporter.onnx_export import export
     from dgrt.presets import write_tiny
-    from dgrt.tensorrt.backend import TensorRTBackend
     from dgrt.tensorrt.build import build
 
     export_dir = tmp_path / "onnx"
@@ -277,11 +276,11 @@ def test_one_engine_answers_like_two_and_holds_the_weights_once(tmp_path: Path) 
         engines = build(export_dir, options)
         torch.cuda.synchronize()
         free = torch.cuda.mem_get_info()[0]
-        backend = TensorRTBackend(export_dir, manifest, engines)
+        gen = dgrt.load(export_dir, backend="tensorrt", engines=engines)
         taken[layout] = free - torch.cuda.mem_get_info()[0]
-        tokens[layout] = dgrt.load(export_dir, backend=backend).generate(prompts, seed=0, max_new_tokens=512).tokens
-        backend.close()
-        del backend
+        tokens[layout] = gen.generate(prompts, seed=0, max_new_tokens=512).tokens
+        gen.close()
+        del gen
         torch.cuda.empty_cache()
     assert tokens["one"] == tokens["two"]
     assert taken["two"] - taken["one"] > 0.8 * manifest.weights.bytes  # the second copy is gone
