@@ -318,7 +318,7 @@ def test_one_engine_holds_each_weight_once_and_answers_like_the_two_graphs(
     import onnxruntime as ort
 
     from dgrt.interop.polygraphy import record
-    from dgrt.tensorrt.one_engine import combine, idle_shapes, prefixed
+    from dgrt.tensorrt.one_engine import combine, idle_graph, idle_shapes, prefixed
 
     export_dir = exports["tiny"]
     manifest = manifest_of(export_dir)
@@ -338,7 +338,7 @@ def test_one_engine_holds_each_weight_once_and_answers_like_the_two_graphs(
     session = ort.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
     recording = record(export_dir, steps=2)
     for graph in GRAPHS:
-        other = "denoise" if graph == "prefill" else "prefill"
+        other = idle_graph(graph)
         idle = {
             prefixed(other, spec.name): np.zeros(idle_shapes(manifest, other)[spec.name], spec.dtype)
             for spec in manifest.graphs[other].spec.inputs

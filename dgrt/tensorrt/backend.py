@@ -36,7 +36,7 @@ from dgrt.exporter.lint import TOPK_MAX_K
 from dgrt.runtime.backends import KV, DenoiseInputs, StepOutputs, capture_key
 from dgrt.runtime.experts import RoutedCalls, run_with_slots
 from dgrt.tensorrt.build import ENGINE_FILE, require_gpu, require_tensorrt
-from dgrt.tensorrt.one_engine import ONE_ENGINE_PLAN, combine, idle_shapes, parse_path, prefixed
+from dgrt.tensorrt.one_engine import ONE_ENGINE_PLAN, combine, idle_graph, idle_shapes, parse_path, prefixed
 from dgrt.tensorrt.options import BuildOptions, max_shapes, onnx_digest, outside_profile, profiles
 
 if TYPE_CHECKING:  # typed against TensorRT's stubs by `mypy --config-file mypy-tensorrt.ini`
@@ -111,8 +111,8 @@ class TensorRTBackend:
         self.one_engine = options.one_engine
         self.engines: dict[str, trt.ICudaEngine] = {}
         self.contexts: dict[str, trt.IExecutionContext] = {}
-        self._empty = torch.empty(256, dtype=torch.uint8, device="cuda")  # the address of the idle graph's tensors
         if options.one_engine:
+            self._empty = torch.empty(256, dtype=torch.uint8, device="cuda")  # the idle graph's tensors' address
             engine = self._load(runtime, logger, engine_dir / ONE_ENGINE_PLAN, options, export_dir, manifest)
             self.engines["model"] = engine
             # One activation buffer for both contexts: they run one after the other on one stream.
@@ -123,9 +123,7 @@ class TensorRTBackend:
                 if not context.set_optimization_profile_async(i, self.stream.cuda_stream):
                     raise DgrtError(f"TensorRT refused optimization profile {i} ({graph}) of {engine_dir}.")
                 context.set_device_memory(self._activations.data_ptr(), size)
-                for other in GRAPHS:
-                    if other != graph:
-                        self._idle(context, manifest, other)
+                self._idle(context, manifest, idle_graph(graph))
                 self.contexts[graph] = context
             self.stream.synchronize()  # the profiles are set on the stream
         else:

@@ -31,6 +31,12 @@ def prefixed(graph: str, name: str) -> str:
     return f"{graph}/{name}"
 
 
+def idle_graph(graph: str) -> str:
+    """The graph bound empty while the engine runs `graph`."""
+    (other,) = (g for g in GRAPHS if g != graph)
+    return other
+
+
 def combine(export_dir: Path, manifest: Manifest) -> onnx.ModelProto:
     """Both graphs of an export as one model whose weights are those of its weights.bin, each once. The
     external data stays in the export: parse the model with a path inside export_dir."""
@@ -102,9 +108,8 @@ def one_engine_profiles(
     out = []
     for graph in GRAPHS:
         profile = {prefixed(graph, name): shapes for name, shapes in per_graph[graph].items()}
-        for other in GRAPHS:
-            if other != graph:
-                profile |= {prefixed(other, name): (shape,) * 3 for name, shape in idle_shapes(manifest, other).items()}
+        idle = idle_graph(graph)
+        profile |= {prefixed(idle, name): (shape,) * 3 for name, shape in idle_shapes(manifest, idle).items()}
         out.append(profile)
     return out
 
