@@ -165,6 +165,11 @@ class Sizes:
     routed_flops: float
     routed_expert_flops: float
 
+    @property
+    def one_engine(self) -> int:
+        """Device memory as one engine: the weights once, the KV cache, the larger graph's activations."""
+        return self.weights + self.kv + max(self.denoise_activations, self.prefill_activations)
+
 
 def sizes(
     cfg: ModelConfig, w: Weights, dtype: str, batch: int, context: int, prompt: int, routing: ExpertRouting = ROUTED
@@ -247,7 +252,7 @@ class Fit:
 
 def fit(hw: Hardware, s: Sizes, precision: str, batch: int, canvas: int, steps: float) -> Fit:
     reserved = RESERVED_GB["jetson" if hw.jetson else "datacenter"] * GB
-    one = s.weights + s.kv + max(s.denoise_activations, s.prefill_activations)
+    one = s.one_engine
     bandwidth = hw.bandwidth_gbs * GB
     compute = hw.compute_seconds(precision, s.denoise_flops, s.expert_flops)
     step = max(s.denoise_bytes_read / bandwidth, compute)
@@ -397,7 +402,7 @@ def _first_change(
         if (d, r) not in known:
             known[d, r] = weights_of(cfg, d, r)
         s = sizes(cfg, known[d, r], d, batch, ctx, min(prompt, ctx - 1))
-        return s.weights + s.kv + max(s.denoise_activations, s.prefill_activations)
+        return s.one_engine
 
     half = "bf16" if dtype == "fp32" else dtype
     options: list[tuple[str, Recipe | None]] = [(half, None)] if dtype == "fp32" and recipe is None else []
