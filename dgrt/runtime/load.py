@@ -71,7 +71,10 @@ def load(
     if (device or dtype) and name not in (None, "torch"):
         raise DgrtError(f"device and dtype choose where the torch backend runs; the {name} backend has its own.")
     if engines is not None and name != "tensorrt":
-        raise DgrtError(f"engines chooses the TensorRT engine build; it needs backend='tensorrt', not {name!r}.")
+        raise DgrtError(
+            f"engines chooses the TensorRT engine build; it needs backend='tensorrt' (--backend tensorrt), not "
+            f"{repr(name) if name else 'the default backend'}."
+        )
     if providers is not None and name not in (None, "onnxruntime"):
         raise DgrtError(f"providers choose where ONNX Runtime runs; the {name} backend has its own.")
     if capacity_factor is not None and (isinstance(capacity_factor, bool) or not capacity_factor > 0):
