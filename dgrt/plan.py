@@ -34,9 +34,14 @@ from dgrt.tensorrt.targets import TARGETS
 
 GB = 1e9  # vendors' unit
 RESERVED_GB = {"datacenter": 2.0, "jetson": 8.0}  # CUDA context and workspace; on Jetson also the OS
-# Live fp32 tensors of the canvas x vocabulary size in the denoise graph's sampler at its peak: the logits,
-# their log-softmax and the probabilities (an estimate of what a runtime keeps).
+# What the graphs hold at their peaks, counted on ONNX Runtime (heaptrack on the real-width slice,
+# 2026-12-01; docs/measurements.md): in the denoise graph's vocabulary tail, four fp32 [B, head chunk, V]
+# buffers (the processed logits, log-probabilities, probabilities and one more of ONNX Runtime's plan); in
+# a routed MoE, two [E, capacity, H] (the tokens gathered and their transposed copy, or the results and
+# theirs); beside either, about eight [B, n, H] tensors of the layer's own stream.
 VOCAB_TEMPORARIES = 4
+EXPERT_TEMPORARIES = 2
+STREAM_TEMPORARIES = 8
 
 
 @dataclass(frozen=True)
@@ -181,20 +186,23 @@ def sizes(
     full, sliding = [s for s in layers if s.window is None], [s for s in layers if s.window is not None]
     kv = cache_bytes(layers, batch, context, act)  # Generator._cache_for: capacity = the call's length
     c, v, h, e = cfg.canvas_length, cfg.vocab_size, cfg.hidden_size, cfg.num_experts
-    i, heads = cfg.moe_intermediate_size, cfg.num_attention_heads
+    heads = cfg.num_attention_heads
     past = context - c  # the denoise step of the last canvas attends to everything before it
 
     def attention(queries: int, keys: int) -> int:  # scores and their softmax, fp32
         return 2 * batch * heads * queries * keys * 4
 
-    def expert_outputs(tokens: int) -> int:  # gate/up, activation and down outputs of every expert's tokens
+    def expert_tensors(tokens: int) -> int:  # every expert's tokens and results, [E, capacity or all tokens, H]
         per_expert = routing.capacity(cfg, batch * tokens) if routing.routed else batch * tokens
-        return per_expert * e * (3 * i + h) * act
+        return EXPERT_TEMPORARIES * per_expert * e * h * act
+
+    def stream(tokens: int) -> int:
+        return STREAM_TEMPORARIES * batch * tokens * h * act
 
     # The vocabulary-sized work runs in chunks of canvas positions, the prompt's prefill in chunks of tokens.
     head, chunk = default_head_chunk(dtype, c), min(prompt, DEFAULT_PREFILL_CHUNK)
-    denoise = max(VOCAB_TEMPORARIES * batch * head * v * 4, attention(c, past + c), expert_outputs(c))
-    prefill = max(attention(chunk, prompt), expert_outputs(chunk))
+    denoise = max(VOCAB_TEMPORARIES * batch * head * v * 4, attention(c, past + c), expert_tensors(c)) + stream(c)
+    prefill = max(attention(chunk, prompt), expert_tensors(chunk)) + stream(chunk)
     held = [past if s.window is None else min(past, s.window - 1) for s in layers]  # what a step reads
     cache_read = sum(2 * batch * s.num_kv_heads * n * s.head_dim * act for s, n in zip(layers, held, strict=True))
     params, expert_params = w.params, w.expert_params

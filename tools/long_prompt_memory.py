@@ -1,13 +1,15 @@
-"""Memory and time of a long prompt's chunked prefill and the denoise steps after it, on ONNX Runtime.
+"""Memory and time of a long prompt's chunked prefill and the denoise steps after it, on ONNX Runtime,
+against `dgrt plan`'s estimate of each graph's activations.
 
     python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 2] [--threads 2] [--arena]
 
 Each prompt length runs in a fresh process: load the export, prefill a random prompt the way `generate`
 does (in chunks of the export's prefill_chunk, into a KV cache sized for the prompt and one canvas), then
-run denoise steps of a full canvas over it. Reported per phase (the peak is reset between them), in MiB:
-the peak RSS, and "beyond": the peak less the weights' file-backed pages, the KV cache and the process
-before loading (what the calls themselves needed: activations and ONNX Runtime's buffers). --arena turns ONNX
-Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
+run denoise steps of a full canvas over it. Reported per phase (the kernel's peak RSS is reset before each),
+in MiB: the peak RSS, and "beyond": the peak less the weights' file-backed pages, the KV cache and the
+process's anonymous memory once loaded (what the calls themselves needed: activations and ONNX Runtime's
+buffers), next to `dgrt plan --prompt N --context N+canvas`'s activation estimate for the graph. --arena
+turns ONNX Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from datetime import date
+
+from dgrt.config import ModelConfig
+from dgrt.contract.experts import ExpertRouting
+from dgrt.plan import resolve, sizes, weights_of
 
 CHILD = r"""
 import json, re, sys, time, torch
@@ -32,6 +39,14 @@ def status():
     s = open("/proc/self/status").read()
     return {k: int(re.search(k + r":\s+(\d+)", s).group(1)) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}
 
+def measured(fn):  # fn()'s peak RSS less the file pages and the anonymous memory before it (MiB), seconds, peak
+    before = status()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's peak (VmHWM)
+    t = time.perf_counter()
+    fn()
+    seconds, after = time.perf_counter() - t, status()
+    return after["VmHWM"] - after["RssFile"] - before["RssAnon"], seconds, after["VmHWM"]
+
 path, prompt, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if sys.argv[5] == "arena":
     plain = backends.session_options
@@ -40,52 +55,73 @@ if sys.argv[5] == "arena":
         options.enable_cpu_mem_arena = True
         return options
     backends.session_options = with_arena
-import onnxruntime  # noqa: F401 (counted in the baseline)
-base = status()
 m = mf.load(path)
 backend = OnnxRuntimeBackend(path, m, threads=threads)
+capacity = {}  # tokens of a routed call -> the slots per expert it last ran with (after any redo)
+if backend.routed is not None:
+    routed_run = backend.routed.run
+    def recording(tokens, call):
+        def call_at(slots):
+            capacity[tokens] = slots
+            return call(slots)
+        return routed_run(tokens, call_at)
+    backend.routed.run = recording
 info = _info(m.config, m.max_context, m.prefill_chunk)
 c = info.canvas_length
-cache = KVCache(info.layers, 1, prompt + c, torch.float32)
-cache_mib = cache.nbytes / 2**20
 zero = torch.zeros(1, dtype=torch.int64)
 ids = torch.randint(0, info.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-t = time.perf_counter()
-prefill(backend, cache, ids, torch.arange(prompt)[None], zero, info.prefill_chunk)
-prefill_s = time.perf_counter() - t
-after_prefill = status()
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM): the steps' own from here
-soft, times = torch.zeros(1, c, info.hidden_size), []
+run_prefill = lambda cache: prefill(backend, cache, ids, torch.arange(prompt)[None], zero, info.prefill_chunk)
+run_prefill(KVCache(info.layers, 1, prompt + c, torch.float32))  # a session's first call allocates more
+cache = KVCache(info.layers, 1, prompt + c, torch.float32)
+prefill_peak, prefill_s, prefill_rss = measured(lambda: run_prefill(cache))
+soft, rows = torch.zeros(1, c, info.hidden_size), []
 for _ in range(steps):
     inputs = DenoiseInputs(torch.randint(0, info.vocab_size, (1, c)), soft, torch.arange(prompt, prompt + c)[None],
                            zero, torch.tensor([0.7]), torch.rand(1, c))
-    t = time.perf_counter()
-    soft = backend.denoise(inputs, cache.past()).next_soft
-    times.append(time.perf_counter() - t)
-print(json.dumps({"base": base, "prefill": after_prefill, "denoise": status(), "cache_mib": cache_mib,
-                  "prefill_s": prefill_s, "step_s": times, "chunk": info.prefill_chunk}))
+    rows.append(measured(lambda: backend.denoise(inputs, cache.past())))
+print(json.dumps({"cache_mib": cache.nbytes / 2**20, "prefill": [prefill_peak, prefill_s, prefill_rss],
+                  "steps": rows, "chunk": info.prefill_chunk, "capacity": capacity}))
 """
 
 
-def beyond(phase: dict[str, float], base: dict[str, float], cache: float) -> float:
-    """A phase's peak less the weights' pages (file-backed: all the file pages it holds), the KV cache and
-    the process's own memory before loading."""
-    return phase["VmHWM"] - phase["RssFile"] - base["RssAnon"] - cache
+@dataclass(frozen=True)
+class RoutedAt(ExpertRouting):
+    """The export's routing at the capacities its calls actually ran with (a random router's busiest
+    expert often overflows the default, and the call is redone with more slots)."""
+
+    used: dict[int, int] = field(default_factory=dict)  # tokens of a call -> its slots per expert
+
+    def capacity(self, cfg: ModelConfig, tokens: int) -> int:
+        return self.used.get(tokens) or super().capacity(cfg, tokens)
+
+
+def estimates(export_dir: str, prompt: int, used: dict[int, int]) -> tuple[float, float]:
+    """`dgrt plan`'s (prefill, denoise) activations in MiB for this prompt and one canvas after it, at the
+    capacities the calls ran with."""
+    cfg, _, _, exported = resolve(export_dir)
+    assert exported is not None
+    dtype, recipe, routing = exported
+    s = sizes(cfg, weights_of(cfg, dtype, recipe), dtype, 1, prompt + cfg.canvas_length, prompt,
+              RoutedAt(routing.formulation, routing.capacity_factor, used) if routing.routed else routing)  # fmt: skip
+    return s.prefill_activations / 2**20, s.denoise_activations / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir")
     parser.add_argument("--prompts", type=int, nargs="+", default=[2048, 32768])
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arena", action="store_true", help="ONNX Runtime's CPU memory arena on")
     args = parser.parse_args()
     arena = "arena on" if args.arena else "no arena"
-    print(f"{date.today()}, {args.export_dir}, {args.threads} threads, {arena}, batch 1, {args.steps} steps (MiB)")
     print(
-        f"{'prompt':>7}{'chunk':>7}{'KV cache':>10}{'prefill s':>11}{'prefill peak':>14}{'beyond':>8}"
-        f"{'step s':>8}{'denoise peak':>14}{'beyond':>8}"
+        f"{date.today()}, {args.export_dir}, {args.threads} threads, {arena}, batch 1, a warm-up prefill, then "
+        f"the prefill and {args.steps} steps measured (MiB; steps: the median of those after the first)"
+    )
+    print(
+        f"{'prompt':>7}{'chunk':>7}{'slots':>12}{'KV cache':>10}{'prefill s':>11}{'peak RSS':>10}{'beyond':>8}"
+        f"{'plan':>6}{'ratio':>7}{'step s':>8}{'peak RSS':>10}{'beyond':>8}{'plan':>6}{'ratio':>7}{'1st step':>10}"
     )
     for prompt in args.prompts:
         out = subprocess.run(
@@ -104,12 +140,17 @@ def main() -> None:
             text=True,
         ).stdout
         r = json.loads(out)
-        base, cache = r["base"], r["cache_mib"]
-        steps = sorted(r["step_s"])
+        used = {int(tokens): slots for tokens, slots in r["capacity"].items()}
+        prefill_plan, denoise_plan = estimates(args.export_dir, prompt, used)
+        prefill_beyond, prefill_s, prefill_rss = r["prefill"]
+        later = sorted(r["steps"][1:] or r["steps"])
+        step_beyond, step_s, step_rss = later[len(later) // 2]
+        slots = "/".join(str(used[t]) for t in sorted(used)) or "dense"
         print(
-            f"{prompt:>7}{r['chunk']:>7}{cache:>10.0f}{r['prefill_s']:>11.1f}{r['prefill']['VmHWM']:>14.0f}"
-            f"{beyond(r['prefill'], base, cache):>8.0f}{steps[len(steps) // 2]:>8.1f}{r['denoise']['VmHWM']:>14.0f}"
-            f"{beyond(r['denoise'], base, cache):>8.0f}"
+            f"{prompt:>7}{r['chunk']:>7}{slots:>12}{r['cache_mib']:>10.0f}{prefill_s:>11.1f}{prefill_rss:>10.0f}"
+            f"{prefill_beyond:>8.0f}{prefill_plan:>6.0f}{prefill_beyond / prefill_plan:>7.2f}{step_s:>8.1f}"
+            f"{step_rss:>10.0f}{step_beyond:>8.0f}{denoise_plan:>6.0f}{step_beyond / denoise_plan:>7.2f}"
+            f"{r['steps'][0][0]:>10.0f}"
         )
 
 
