@@ -175,16 +175,21 @@ def session_options(manifest: Manifest, threads: int | None = None, prepack: boo
     a step against a 1.5 GB peak without it, and no slower on the tiny or the real-width models). Its
     threads do not spin between calls: spinning takes the cores the Python work between calls needs
     (2-core machine, 2026-11-30: continuous batching ran 32 requests of the trained model in 0.50 s instead
-    of 0.60 s; generate alone was unchanged). Nodes run in the graph's order (priority-based), not ONNX
-    Runtime's default depth-first walk back from each output in turn, which computes every head chunk's
-    logits before any chunk's sampler and so holds all their vocabulary-sized tensors at once (real-width
-    slice, 2026-12-01: six [128, 262144] fp32 buffers live at the peak instead of four, 0.27 GB more; the
-    same step time)."""
+    of 0.60 s; generate alone was unchanged).
+
+    An unquantized export's nodes run in the graph's order (priority-based), not ONNX Runtime's default
+    depth-first walk back from each output in turn, which computes every head chunk's logits before any
+    chunk's sampler and so holds their vocabulary-sized tensors at once (real-width slice, 2026-12-01:
+    five [128, 262144] fp32 buffers live at the peak instead of four; the same step time). A quantized
+    export keeps the default: in priority order ONNX Runtime dequantizes a later layer's expert weights as
+    soon as it can (the order follows node indices, and its fused nodes get new, higher ones), so an INT4
+    step of the same slice held 1.2 GiB more, and more with every layer."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if manifest.quantization is None:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
