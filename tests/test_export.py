@@ -18,6 +18,7 @@ from dgrt.checkpoint import Checkpoint, checkpoint_key, load_model
 from dgrt.compare import export_logits
 from dgrt.errors import DgrtError
 from dgrt.exporter import tracing
+from dgrt.exporter import weights as weights_module
 from dgrt.exporter.lint import lint_export, lint_model
 from dgrt.exporter.onnx_export import ExportOptions, export
 from dgrt.exporter.quantize import Recipe
@@ -362,3 +363,18 @@ def test_the_vocabulary_sized_work_in_chunks_gives_the_same_step(tmp_path: Path,
     assert np.array_equal(out["argmax"], argmax.numpy()) and np.array_equal(out["sample"], sample.numpy())
     assert max_err(out["entropy"], entropy) <= TOL and max_err(out["next_soft_embeds"], next_soft) <= TOL
     assert max_err(export_logits(tmp_path / "out", manifest)(inputs, past).numpy(), logits) <= TOL
+
+
+def test_weights_are_converted_to_the_export_dtype_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 tensor written as fp32 a few values at a time: the bytes of converting it whole, aligned."""
+    monkeypatch.setattr(weights_module, "CONVERT_CHUNK", 7)
+    bf16 = torch.randn(5, 9).to(torch.bfloat16)
+    file = weights_module.WeightFile(tmp_path / "weights.bin")
+    assert file.add(torch.ones(3)) == (0, 12)
+    offset, length = file.add(bf16, torch.float32)
+    file.close()
+    assert (offset, length) == (64, 5 * 9 * 4)
+    written = (tmp_path / "weights.bin").read_bytes()[offset : offset + length]
+    assert written == bf16.float().numpy().tobytes()

@@ -14,6 +14,7 @@ import torch
 import dgrt
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.errors import DgrtError
+from dgrt.exporter import quantize
 from dgrt.exporter.calibrate import builtin_prompts, read_prompts
 from dgrt.exporter.lint import lint_export, lint_model
 from dgrt.exporter.onnx_export import ExportOptions, export
@@ -26,6 +27,7 @@ from dgrt.exporter.quantize import (
     layout,
     pack_int4,
     quantize_stored,
+    quantize_weight,
     stored,
 )
 
@@ -70,6 +72,22 @@ def test_expert_stacks_are_stored_as_the_right_operand_with_2d_scales() -> None:
         error = (dequantize(q, scale, lay) - as_right_operand).abs()
         bound = 2**-4 * as_right_operand.abs() + 1e-3 if fmt == "fp8" else scale.repeat_interleave(32, 0) / 2 + 1e-7
         assert torch.all(error <= bound)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 64), (3, 7, 64), (40, 64), (5, 64)])
+def test_weights_quantized_a_chunk_at_a_time_are_the_whole_weight_quantized(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few channels at a time (their INT4 values packed chunk by chunk where rows are even), the bytes are
+    those of quantizing and packing the weight whole."""
+    w = torch.randn(*shape)
+    whole = {fmt: quantize_weight(w, fmt, 32) for fmt in ("fp8", "int4")}
+    monkeypatch.setattr(quantize, "VALUES_PER_CHUNK", 2 * 64 * shape[0])  # 2 to 4 channels a chunk
+    for fmt, (data, scale) in whole.items():
+        chunked_data, chunked_scale = quantize_weight(w, fmt, 32)
+        assert torch.equal(chunked_data.view(torch.uint8), data.view(torch.uint8))
+        assert torch.equal(chunked_scale, scale)
+    assert torch.equal(whole["int4"][0], pack_int4(quantize_stored(w, "int4", 32)[0]))
 
 
 def test_int4_packs_two_values_per_byte_low_nibble_first() -> None:

@@ -259,7 +259,8 @@ def _attach_weights(
     written: dict[str, tuple[int, int]] = {}
     current: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # the last quantized weight
 
-    def tensor_for(name: str, shape: ir.Shape) -> torch.Tensor:
+    def tensor_for(name: str, shape: ir.Shape) -> tuple[torch.Tensor, torch.dtype | None]:
+        """The tensor to write, and the dtype to write it in (None: as it is)."""
         nonlocal current
         if name in quantized:
             q = quantized[name]
@@ -268,18 +269,18 @@ def _attach_weights(
                 source = ckpt.tensor(checkpoint_key(q.param))
                 current = (q.param, quantize_weight(source, q.fmt, recipe.block_size))
             data, scale = current[1]
-            return data if q.part == "quantized" else scale.to(dtype)  # INT4 data is packed: no shape check
+            return (data, None) if q.part == "quantized" else (scale, dtype)  # INT4 data is packed: no shape check
         param = name.removeprefix("model.")
-        tensor = buffers[param] if param in buffers else ckpt.tensor(checkpoint_key(param)).to(dtype)
+        tensor, to = (buffers[param], None) if param in buffers else (ckpt.tensor(checkpoint_key(param)), dtype)
         if tuple(tensor.shape) != tuple(shape.dims):
             raise DgrtError(
                 f"initializer {name} has shape {list(shape.dims)} in the graph, {list(tensor.shape)} on disk."
             )
-        return tensor
+        return tensor, to
 
     for i, name in enumerate(names):
         progress.update("writing weights", i, len(names))
-        written[name] = weights.add(tensor_for(name, shapes[name]))
+        written[name] = weights.add(*tensor_for(name, shapes[name]))
     for value in values:
         assert value.name is not None and value.dtype is not None
         offset, length = written[value.name]

@@ -18,7 +18,7 @@ quantized like any other; its softmax and top-k stay in full precision.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +29,7 @@ from dgrt.contract.manifest import RECIPES
 from dgrt.errors import DgrtError
 
 BLOCK_SIZES = (32, 64, 128)
-CHANNELS_PER_CHUNK = 256  # output channels quantized at once (see quantize_stored)
+VALUES_PER_CHUNK = 2**24  # weight values quantized at once, 64 MiB in fp32 (see _stored_chunks)
 FP8_MAX = 448.0  # largest finite E4M3FN value
 INT4_MAX = 7  # symmetric: [-7, 7] is used, -8 never
 QUANTIZED_SUFFIX, SCALE_SUFFIX = "_quantized", "_scale"
@@ -138,17 +138,40 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_stored(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, scale) of a weight in its stored layout (see `layout`), INT4 values unpacked in int8.
-    CHANNELS_PER_CHUNK output channels at a time: an expert stack of the real model is 2 GB in fp32, and
-    the arithmetic on all of it at once held four such temporaries (an INT4 export of the real-width
-    slice peaked at 8.0 GiB)."""
-    n = w.shape[-2]
-    parts = [_quantize_rows(_channels(w, i, min(n, i + CHANNELS_PER_CHUNK)), fmt, block_size)
-             for i in range(0, n, CHANNELS_PER_CHUNK)]  # fmt: skip
-    q, scale = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
-    if w.dim() == 3:
-        q, scale = q.t(), (scale if fmt == "fp8" else scale.t())
-    return q.contiguous(), scale.contiguous()
+    """(values, scale) of a weight in its stored layout (see `layout`), INT4 values unpacked in int8."""
+    return _stored_chunks(w, fmt, block_size, lambda q: q)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bytes as stored, scale) of a weight in a format: FP8 tensor or packed INT4 uint8 tensor. INT4
+    values are packed a chunk at a time (each chunk's stored rows hold an even number of values, so no
+    byte straddles two chunks): unpacked, a real expert stack's values and their copies were 0.5 GB each."""
+    even = w.shape[-1 if w.dim() == 2 else -2] % 2 == 0
+    if fmt == "fp8" or not even:
+        q, scale = quantize_stored(w, fmt, block_size)
+        return (q if fmt == "fp8" else pack_int4(q)), scale
+    packed, scale = _stored_chunks(w, fmt, block_size, lambda q: pack_int4(q).reshape(q.shape[0], -1))
+    return packed.flatten(), scale
+
+
+def _stored_chunks(
+    w: torch.Tensor, fmt: str, block_size: int, finish: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized an even number of output channels at a time, about VALUES_PER_CHUNK values, each chunk's
+    values turned into their stored orientation and through finish() before the next: an expert stack of
+    the real model is 2 GB in fp32, and the arithmetic on all of it at once held four such temporaries (an
+    INT4 export of the real-width slice peaked at 8.0 GiB)."""
+    n, stack = w.shape[-2], w.dim() == 3
+    channels = max(2, VALUES_PER_CHUNK // (w.numel() // n) // 2 * 2)
+    values, scales = [], []
+    for i in range(0, n, channels):  # the chunk's values are [its channels, what they cover]
+        q, scale = _quantize_rows(_channels(w, i, min(n, i + channels)), fmt, block_size)
+        values.append(finish(q.t().contiguous() if stack else q))
+        scales.append(scale)
+    scale = torch.cat(scales)
+    if stack and fmt != "fp8":
+        scale = scale.t()
+    return torch.cat(values, dim=1 if stack else 0), scale.contiguous()
 
 
 def _channels(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -167,12 +190,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, lay: Layout) -> torch.Tenso
     if "block_size" not in lay.attributes:
         return q.float() * (scale[:, None] if axis == 0 else scale[None, :])
     return q.float() * scale.repeat_interleave(lay.attributes["block_size"], dim=axis)
-
-
-def quantize_weight(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bytes as stored, scale) of a weight in a format: FP8 tensor or packed INT4 uint8 tensor."""
-    q, scale = quantize_stored(w, fmt, block_size)  # quantize_weights checked that block_size divides K
-    return (q if fmt == "fp8" else pack_int4(q)), scale
 
 
 # -- the graph rewrite ----------------------------------------------------------------------------------
