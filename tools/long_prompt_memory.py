@@ -1,15 +1,16 @@
 """Memory and time of a long prompt's chunked prefill and the denoise steps after it, on ONNX Runtime,
 against `dgrt plan`'s estimate of each graph's activations.
 
-    python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 2] [--threads 2] [--arena]
+    python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 3] [--threads 2] [--arena]
 
 Each prompt length runs in a fresh process: load the export, prefill a random prompt the way `generate`
-does (in chunks of the export's prefill_chunk, into a KV cache sized for the prompt and one canvas), then
-run denoise steps of a full canvas over it. Reported per phase (the kernel's peak RSS is reset before each),
-in MiB: the peak RSS, and "beyond": the peak less the weights' file-backed pages, the KV cache and the
-process's anonymous memory once loaded (what the calls themselves needed: activations and ONNX Runtime's
-buffers), next to `dgrt plan --prompt N --context N+canvas`'s activation estimate for the graph. --arena
-turns ONNX Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
+does (in chunks of the export's prefill_chunk, into a KV cache sized for the prompt and one canvas) once
+as a warm-up and once measured, then run denoise steps of a full canvas over it. Each measured call's
+kernel peak RSS is reset before it; reported in MiB: the peak RSS, and "beyond": the peak less the
+weights' file-backed pages and the anonymous memory before the call (what the call itself needed:
+activations and ONNX Runtime's buffers), next to `dgrt plan`'s activation estimate for that graph at the
+expert capacity the call ran with. Steps: the median of those after the first. --arena turns ONNX
+Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
 """
 
 from __future__ import annotations

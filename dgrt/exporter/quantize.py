@@ -157,7 +157,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.T
 def _stored_chunks(
     w: torch.Tensor, fmt: str, block_size: int, finish: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantized an even number of output channels at a time, about VALUES_PER_CHUNK values, each chunk's
+    """Quantizes an even number of output channels at a time, about VALUES_PER_CHUNK values, each chunk's
     values turned into their stored orientation and through finish() before the next: an expert stack of
     the real model is 2 GB in fp32, and the arithmetic on all of it at once held four such temporaries (an
     INT4 export of the real-width slice peaked at 8.0 GiB)."""
