@@ -189,8 +189,11 @@ def sizes(
     heads = cfg.num_attention_heads
     past = context - c  # the denoise step of the last canvas attends to everything before it
 
-    def attention(queries: int, keys: int) -> int:  # scores and their softmax, fp32
-        return 2 * batch * heads * queries * keys * 4
+    def held(s: LayerShape, cached: int) -> int:  # what a layer reads of `cached` tokens
+        return cached if s.window is None else min(cached, s.window - 1)
+
+    def attention(queries: int, cached: int, of: list[LayerShape]) -> int:  # scores and softmax, fp32
+        return max((2 * batch * heads * queries * (held(s, cached) + queries) * 4 for s in of), default=0)
 
     def expert_tensors(tokens: int) -> int:  # every expert's tokens and results, [E, capacity or all tokens, H]
         per_expert = routing.capacity(cfg, batch * tokens) if routing.routed else batch * tokens
@@ -201,13 +204,14 @@ def sizes(
 
     # The vocabulary-sized work runs in chunks of canvas positions, the prompt's prefill in chunks of tokens.
     head, chunk = default_head_chunk(dtype, c), min(prompt, DEFAULT_PREFILL_CHUNK)
-    denoise = max(VOCAB_TEMPORARIES * batch * head * v * 4, attention(c, past + c), expert_tensors(c)) + stream(c)
-    prefill = max(attention(chunk, prompt), expert_tensors(chunk)) + stream(chunk)
-    held = [past if s.window is None else min(past, s.window - 1) for s in layers]  # what a step reads
-    cache_read = sum(2 * batch * s.num_kv_heads * n * s.head_dim * act for s, n in zip(layers, held, strict=True))
+    vocab = VOCAB_TEMPORARIES * batch * head * v * 4
+    denoise = max(vocab, attention(c, past, layers), expert_tensors(c)) + stream(c)
+    # The prompt's last chunk attends to the rest of it, in every layer but the last (which writes only K/V).
+    prefill = max(attention(chunk, prompt - chunk, layers[:-1]), expert_tensors(chunk)) + stream(chunk)
+    cache_read = sum(2 * batch * s.num_kv_heads * held(s, past) * s.head_dim * act for s in layers)
     params, expert_params = w.params, w.expert_params
     tokens = batch * c
-    attention_flops = sum(4 * tokens * heads * (n + c) * s.head_dim for s, n in zip(layers, held, strict=True))
+    attention_flops = sum(4 * tokens * heads * (held(s, past) + c) * s.head_dim for s in layers)
     # every parameter is a multiply-add per token (the embedding's as the LM head)
     dense_flops = 2.0 * tokens * params + attention_flops
     k = cfg.top_k_experts
