@@ -3,7 +3,7 @@
 `Checkpoint.open(path)` parses config.json and generation_config.json and reads only the safetensors
 headers; it checks that every tensor the text model needs is there with the right shape and a float dtype,
 that nothing unexpected is there, and skips the vision tower. Tensors are read one at a time, on demand
-(`tensor(key)`), so opening a 26B checkpoint costs no RAM.
+(`tensor(key)`), so opening a 26B checkpoint costs no RAM; `load_model` maps them instead.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from dgrt.config import ModelConfig, read_generation_config, read_json
 from dgrt.errors import CheckpointError
@@ -134,6 +137,7 @@ class Checkpoint:
         self.generation_config = generation
         self.tensors = tensors  # the text model's tensors, by checkpoint key
         self._files: dict[Path, io.BufferedReader] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -186,11 +190,31 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: tensor '{key}' is truncated.")
         return torch.frombuffer(data, dtype=FLOAT_DTYPES[info.dtype]).reshape(info.shape)
 
+    def mapped(self, key: str) -> torch.Tensor:
+        """One tensor as a view of its file's private (copy-on-write) memory map: its bytes stay in the page
+        cache, shared and evictable, instead of in the process's own memory. A model built on such views
+        holds no copy of a checkpoint in its stored dtype (a 26B bf16 checkpoint is larger than this RAM)."""
+        info = self.tensors[key]
+        dtype = FLOAT_DTYPES[info.dtype]
+        if info.start == info.end or info.start % dtype.itemsize:  # empty, or not aligned for a view
+            return self.tensor(key)
+        view = self._maps.get(info.file)
+        if view is None:
+            with open(info.file, "rb") as f:
+                view = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = (info.end - info.start) // dtype.itemsize
+        return torch.frombuffer(view, dtype=dtype, count=count, offset=info.start).reshape(info.shape)
+
     def state_dict(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(dgrt parameter name, tensor) pairs, one tensor read at a time."""
         for key, (name, _) in expected_tensors(self.config).items():
             t = self.tensor(key)
             yield name, t if dtype is None else t.to(dtype)
+
+    def mapped_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(dgrt parameter name, tensor) pairs, each a view of its file (see `mapped`), as stored."""
+        for key, (name, _) in expected_tensors(self.config).items():
+            yield name, self.mapped(key)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -257,11 +281,31 @@ def _validated_tensors(path: Path, config: ModelConfig) -> dict[str, TensorInfo]
 def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype | None = None) -> Any:
     """The DiffusionGemma torch module with the checkpoint's weights (CPU, eval mode, no grad).
 
-    Built on the meta device, then each parameter is assigned from the checkpoint, so peak memory is the
-    weights once (in `dtype`, default the checkpoint's).
+    Built on the meta device, then every parameter is a view of the checkpoint's mapped files (see
+    `Checkpoint.mapped`), so the weights stay in the page cache. A tensor stored in another dtype than
+    `dtype` (default the checkpoint's) is converted each time it is used, one weight at a time: the real
+    bf16 checkpoint runs in fp32 without an fp32 copy of it (103 GB for the 26B), at the price of the
+    conversions (cast them once with `model.to(dtype)` where memory allows).
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    return build_model(ckpt.config, ckpt.state_dict(dtype or ckpt.dtype))
+    model = build_model(ckpt.config, ckpt.mapped_state_dict())
+    dtype = dtype or ckpt.dtype
+    stored = [name for name, p in model.named_parameters() if p.dtype != dtype]
+    for name in stored:
+        owner, _, attr = name.rpartition(".")
+        parametrize.register_parametrization(model.get_submodule(owner), attr, _ConvertOnUse(dtype), unsafe=True)
+    return model
+
+
+class _ConvertOnUse(nn.Module):
+    """A parametrization: the stored tensor, read in the dtype the model computes in."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
 
 
 def model_sharing(reference: Any, config: ModelConfig, dtype: torch.dtype) -> Any:

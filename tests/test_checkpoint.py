@@ -15,6 +15,7 @@ import dgrt
 from dgrt.checkpoint import Checkpoint, expected_tensors, load_model
 from dgrt.cli import main
 from dgrt.errors import CheckpointError, ConfigError, DgrtError
+from dgrt.runtime.backends import TorchBackend
 from dgrt.runtime.tokenizer import Tokenizer
 from dgrt.sampler import SamplerConfig
 
@@ -141,6 +142,40 @@ def test_bfloat16_checkpoint_loads_in_its_dtype(tmp_path: Path, tiny_ckpt: Path)
     model = load_model(bf16)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert load_model(bf16, dtype=torch.float32).embed_tokens.weight.dtype == torch.float32
+
+
+def file_mappings(file: Path) -> list[tuple[int, int]]:
+    """The address ranges this process has mapped from `file` (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(file.resolve()):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def test_a_model_maps_its_checkpoint_and_never_writes_to_it(tmp_path: Path, tiny_ckpt: Path) -> None:
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, path)
+    before = (path / "model.safetensors").read_bytes()
+    model = load_model(path)
+    mapped = file_mappings(path / "model.safetensors")
+    # Every weight lies in the file's mapping: the page cache holds it, not a copy in this process.
+    assert all(any(lo <= p.data_ptr() < hi for lo, hi in mapped) for p in model.parameters())
+    model.norm.weight.add_(1.0)  # copy-on-write: the model changes, the file does not
+    assert torch.equal(model.norm.weight, Checkpoint.open(path).tensor(NORM) + 1)
+    assert (path / "model.safetensors").read_bytes() == before
+
+
+def test_a_bfloat16_checkpoint_runs_in_float32_without_a_float32_copy(tmp_path: Path, tiny_ckpt: Path) -> None:
+    bf16 = copy_with_weights(tiny_ckpt, tmp_path / "bf16", lambda w: {k: v.bfloat16() for k, v in w.items()})
+    on_use = load_model(bf16, dtype=torch.float32)
+    assert {p.dtype for p in on_use.parameters()} == {torch.bfloat16}  # stored once, as in the file
+    assert on_use.embed_tokens.weight.dtype == torch.float32  # read in the dtype it computes in
+    converted = load_model(bf16).float()
+    runs = [dgrt.load(bf16, backend=TorchBackend(m)).generate("Hello", seed=3) for m in (on_use, converted)]
+    assert runs[0].tokens == runs[1].tokens
 
 
 def test_tensors_are_read_lazily(tiny_ckpt: Path) -> None:

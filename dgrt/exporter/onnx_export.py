@@ -222,7 +222,8 @@ def _quantize(
         entry["calibration"] = {
             "source": described,
             "samples": options.calibration_samples,
-            "method": "max |x| per GEMM input and graph over dgrt's generate loop (fp32 PyTorch modules); "
+            "method": "max |x| per GEMM input and graph over dgrt's generate loop (PyTorch modules in the "
+            f"checkpoint's {str(ckpt.dtype).removeprefix('torch.')}); "
             "scale = max / 448, per tensor",
         }
     formats = [q.fmt for q in planned.values() if q.part == "quantized"]
