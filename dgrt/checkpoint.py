@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import math
-import mmap
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from dgrt.config import ModelConfig, read_generation_config, read_json
 from dgrt.errors import CheckpointError
+from dgrt.mapped import FileMaps
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -137,7 +137,7 @@ class Checkpoint:
         self.generation_config = generation
         self.tensors = tensors  # the text model's tensors, by checkpoint key
         self._files: dict[Path, io.BufferedReader] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._maps = FileMaps()
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -191,19 +191,12 @@ class Checkpoint:
         return torch.frombuffer(data, dtype=FLOAT_DTYPES[info.dtype]).reshape(info.shape)
 
     def mapped(self, key: str) -> torch.Tensor:
-        """One tensor as a view of its file's private (copy-on-write) memory map: its bytes stay in the page
-        cache, shared and evictable, instead of in the process's own memory. A model built on such views
-        holds no copy of a checkpoint in its stored dtype (a 26B bf16 checkpoint is larger than this RAM)."""
+        """One tensor as a view of its file (dgrt.mapped): its bytes stay in the page cache instead of in this
+        process's memory. A model built on such views holds no copy of the checkpoint (a 26B bf16 one is
+        larger than this machine's RAM)."""
         info = self.tensors[key]
-        dtype = FLOAT_DTYPES[info.dtype]
-        if info.start == info.end or info.start % dtype.itemsize:  # empty, or not aligned for a view
-            return self.tensor(key)
-        view = self._maps.get(info.file)
-        if view is None:
-            with open(info.file, "rb") as f:
-                view = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = (info.end - info.start) // dtype.itemsize
-        return torch.frombuffer(view, dtype=dtype, count=count, offset=info.start).reshape(info.shape)
+        view = self._maps.tensor(info.file, info.start, FLOAT_DTYPES[info.dtype], info.shape)
+        return self.tensor(key) if view is None else view
 
     def state_dict(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(dgrt parameter name, tensor) pairs, one tensor read at a time."""

@@ -168,6 +168,14 @@ def test_a_model_maps_its_checkpoint_and_never_writes_to_it(tmp_path: Path, tiny
     assert (path / "model.safetensors").read_bytes() == before
 
 
+def test_the_torch_backend_maps_an_exports_weights(exports: dict[str, Path]) -> None:
+    model = dgrt.load(exports["tiny"], backend="torch").backend.model
+    mapped = file_mappings(exports["tiny"] / "weights.bin")
+    # The one weight an export lacks (the last layer's unused prefill scalar) is filled in, not mapped.
+    unmapped = [n for n, p in model.named_parameters() if not any(lo <= p.data_ptr() < hi for lo, hi in mapped)]
+    assert unmapped == [f"layers.{model.config.num_layers - 1}.encoder_layer_scalar"]
+
+
 def test_a_bfloat16_checkpoint_runs_in_float32_without_a_float32_copy(tmp_path: Path, tiny_ckpt: Path) -> None:
     bf16 = copy_with_weights(tiny_ckpt, tmp_path / "bf16", lambda w: {k: v.bfloat16() for k, v in w.items()})
     on_use = load_model(bf16, dtype=torch.float32)

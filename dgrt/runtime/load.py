@@ -15,6 +15,7 @@ from dgrt.contract.experts import ROUTED, ExpertRouting
 from dgrt.contract.io_spec import DTYPES, torch_dtype
 from dgrt.contract.manifest import Manifest, default_prefill_chunk
 from dgrt.errors import DgrtError
+from dgrt.mapped import FileMaps
 from dgrt.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend
 from dgrt.runtime.generator import Generator, ModelInfo
 from dgrt.runtime.kv_cache import LayerShape
@@ -165,7 +166,8 @@ def _export_backend(
 
 
 def _model_from_export(path: Path, manifest: Manifest) -> Any:
-    """The torch model with the export's weights (read from weights.bin through the graphs' references)."""
+    """The torch model with the export's weights: views of weights.bin where the graphs reference it in the
+    export's dtype (dgrt.mapped: the page cache holds them, as it does for ONNX Runtime), else copies."""
     import onnx_ir as ir
 
     from dgrt.model import DiffusionGemma
@@ -174,11 +176,22 @@ def _model_from_export(path: Path, manifest: Manifest) -> Any:
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     dtype = manifest.torch_dtype
+    maps = FileMaps()
+    floats = {
+        ir.DataType.FLOAT: torch.float32,
+        ir.DataType.FLOAT16: torch.float16,
+        ir.DataType.BFLOAT16: torch.bfloat16,
+    }
     state: dict[str, torch.Tensor] = {}
     for graph in manifest.graphs.values():
         for name, value in ir.load(path / graph.file).graph.initializers.items():
-            if name.startswith("model.") and name.removeprefix("model.") not in state and value.const_value is not None:
-                state[name.removeprefix("model.")] = torch.from_numpy(value.const_value.numpy().copy())
+            stored = value.const_value
+            if not name.startswith("model.") or name.removeprefix("model.") in state or stored is None:
+                continue
+            view = None
+            if isinstance(stored, ir.ExternalTensor) and floats.get(stored.dtype) == dtype:
+                view = maps.tensor(Path(stored.path), stored.offset or 0, dtype, stored.shape.numpy())
+            state[name.removeprefix("model.")] = torch.from_numpy(stored.numpy().copy()) if view is None else view
     params = dict(model.named_parameters())
     for name in params.keys() - state.keys():
         # Only the last layer's prefill scalar is absent from exports: nothing computes with it. NaN makes
