@@ -274,19 +274,22 @@ def _validated_tensors(path: Path, config: ModelConfig) -> dict[str, TensorInfo]
 def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype | None = None) -> Any:
     """The DiffusionGemma torch module with the checkpoint's weights (CPU, eval mode, no grad).
 
-    Built on the meta device, then every parameter is a view of the checkpoint's mapped files (see
-    `Checkpoint.mapped`), so the weights stay in the page cache. A tensor stored in another dtype than
-    `dtype` (default the checkpoint's) is converted each time it is used, one weight at a time: the real
-    bf16 checkpoint runs in fp32 without an fp32 copy of it (103 GB for the 26B), at the price of the
-    conversions (cast them once with `model.to(dtype)` where memory allows).
+    Built on the meta device, then each parameter stored in the dtype it computes in is a view of the
+    checkpoint's mapped files (`Checkpoint.mapped`): the weights stay in the page cache. Without `dtype` the
+    model computes in the checkpoint's (its embedding's), and a tensor stored otherwise is converted once.
+    With `dtype`, a tensor stored otherwise stays mapped and is converted each time it is read: the real
+    bf16 checkpoint runs in fp32 without an fp32 copy (103 GB for the 26B), at the price of the conversions.
+    Such a model reads its weights in `dtype` whatever a later cast does to the stored tensors.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    model = build_model(ckpt.config, ckpt.mapped_state_dict())
-    dtype = dtype or ckpt.dtype
-    stored = [name for name, p in model.named_parameters() if p.dtype != dtype]
-    for name in stored:
+    target = dtype or ckpt.dtype
+    tensors = ckpt.mapped_state_dict()
+    if dtype is None:
+        tensors = ((name, t if t.dtype == target else t.to(target)) for name, t in tensors)
+    model = build_model(ckpt.config, tensors)
+    for name in [name for name, p in model.named_parameters() if p.dtype != target]:  # only with `dtype`
         owner, _, attr = name.rpartition(".")
-        parametrize.register_parametrization(model.get_submodule(owner), attr, _ConvertOnUse(dtype), unsafe=True)
+        parametrize.register_parametrization(model.get_submodule(owner), attr, _ConvertOnUse(target), unsafe=True)
     return model
 
 

@@ -168,6 +168,15 @@ def test_a_model_maps_its_checkpoint_and_never_writes_to_it(tmp_path: Path, tiny
     assert (path / "model.safetensors").read_bytes() == before
 
 
+def test_a_checkpoint_of_mixed_dtypes_computes_in_its_embeddings(tmp_path: Path, tiny_ckpt: Path) -> None:
+    mixed = copy_with_weights(
+        tiny_ckpt, tmp_path / "mixed", lambda w: {k: v if "norm" in k else v.bfloat16() for k, v in w.items()}
+    )
+    model = load_model(mixed)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the fp32 norms converted once
+    assert {p.dtype for p in model.float().parameters()} == {torch.float32}  # and a cast reaches them all
+
+
 def test_the_torch_backend_maps_an_exports_weights(exports: dict[str, Path]) -> None:
     model = dgrt.load(exports["tiny"], backend="torch").backend.model
     mapped = file_mappings(exports["tiny"] / "weights.bin")

@@ -197,6 +197,11 @@ def test_quantized_exports_generate_and_pass_the_lint(quantized: dict[str, Path]
     assert len(result.tokens) == 2 and all(len(t) == 32 for t in result.tokens)
 
 
+def test_the_torch_backend_refuses_a_quantized_export(quantized: dict[str, Path]) -> None:
+    with pytest.raises(DgrtError, match="int4 export; the torch backend runs unquantized exports"):
+        dgrt.load(quantized["int4"], backend="torch")
+
+
 def test_lint_rejects_what_tensorrt_rejects(quantized: dict[str, Path]) -> None:
     model = ir.load(quantized["fp8"] / "denoise.onnx")
     q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]

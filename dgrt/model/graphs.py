@@ -38,10 +38,26 @@ class DiffusionGemma(nn.Module):
             head_dim = next(s.head_dim for s in cfg.layers if s.layer_type == layer_type)
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(rope, head_dim), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in, read off a small weight: reading the embedding of a model that
+        converts its weights on use (dgrt.checkpoint.load_model) would convert all of it."""
+        return self._small_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._small_weight.device
+
+    @property
+    def _small_weight(self) -> torch.Tensor:
+        weight = self.norm.weight
+        assert weight is not None  # the final norm has a scale
+        return weight
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
+        x = self.embed_tokens(ids)
         # embed_scale is rounded to the weight dtype before the multiply, as in transformers.
-        return self.embed_tokens(ids) * torch.tensor(self.config.embed_scale).to(w.dtype)
+        return x * torch.tensor(self.config.embed_scale).to(x.dtype)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {lt: rope_cos_sin(getattr(self, f"inv_freq_{lt}"), position_ids, dtype) for lt in self.config.rope}
@@ -135,8 +151,8 @@ class DiffusionGemma(nn.Module):
 
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[KV]:
         """Zero-length past K/V for every layer."""
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = self.embed_tokens.weight.device
+        dtype = dtype or self.dtype
+        device = self.device
         return [
             (
                 torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=dtype, device=device),

@@ -93,8 +93,8 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.model = model
-        self.dtype = model.embed_tokens.weight.dtype
-        self.device = model.embed_tokens.weight.device
+        self.dtype = model.dtype
+        self.device = model.device
         self.routed = RoutedCalls(experts, model.config) if experts.routed else None
         self._denoise = Denoise(model, routed=experts.routed)
         self._cuda_graphs = cuda_graphs and self.device.type == "cuda"

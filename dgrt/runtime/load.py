@@ -162,12 +162,17 @@ def _export_backend(
         from dgrt.tensorrt.backend import TensorRTBackend
 
         return TensorRTBackend(path, manifest, Path(engines) if engines is not None else None)
+    if manifest.quantization is not None:
+        raise DgrtError(
+            f"{path} is a {manifest.quantization['recipe']} export; the torch backend runs unquantized exports "
+            "and checkpoints (run this one on onnxruntime or tensorrt)."
+        )
     return _torch_backend(_model_from_export(path, manifest), threads, torch_options, manifest.experts)
 
 
 def _model_from_export(path: Path, manifest: Manifest) -> Any:
-    """The torch model with the export's weights: views of weights.bin where the graphs reference it in the
-    export's dtype (dgrt.mapped: the page cache holds them, as it does for ONNX Runtime), else copies."""
+    """The torch model with the export's weights: views of weights.bin (dgrt.mapped: the page cache holds
+    them, as ONNX Runtime's mapping of the same file does), else copies."""
     import onnx_ir as ir
 
     from dgrt.model import DiffusionGemma
@@ -189,8 +194,11 @@ def _model_from_export(path: Path, manifest: Manifest) -> Any:
             if not name.startswith("model.") or name.removeprefix("model.") in state or stored is None:
                 continue
             view = None
-            if isinstance(stored, ir.ExternalTensor) and floats.get(stored.dtype) == dtype:
-                view = maps.tensor(Path(stored.path), stored.offset or 0, dtype, stored.shape.numpy())
+            # Only the export's own weights file is mapped; any other reference is read by onnx_ir, which
+            # checks that it stays inside the export folder.
+            if isinstance(stored, ir.ExternalTensor) and stored.location == manifest.weights.file:
+                if floats.get(stored.dtype) == dtype:
+                    view = maps.tensor(path / manifest.weights.file, stored.offset or 0, dtype, stored.shape.numpy())
             state[name.removeprefix("model.")] = torch.from_numpy(stored.numpy().copy()) if view is None else view
     params = dict(model.named_parameters())
     for name in params.keys() - state.keys():
