@@ -304,11 +304,11 @@ class _ConvertOnUse(nn.Module):
         return stored.to(self.dtype)
 
 
-def model_sharing(reference: Any, config: ModelConfig, dtype: torch.dtype) -> Any:
+def model_sharing(reference: Any, config: ModelConfig) -> Any:
     """The DiffusionGemma torch module on the weights of transformers' model of the same checkpoint: its
-    tensors themselves where `dtype` is theirs (no second copy of the weights in memory), else cast."""
+    tensors themselves, no second copy of the weights in memory."""
     tensors = reference.state_dict()  # named as in checkpoints
-    return build_model(config, ((name, tensors[key].to(dtype)) for key, (name, _) in expected_tensors(config).items()))
+    return build_model(config, ((name, tensors[key]) for key, (name, _) in expected_tensors(config).items()))
 
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Any:

@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-accuracy",
         action="store_true",
-        help="skip measuring the quantized export against fp32 (which holds the fp32 model in memory)",
+        help="skip measuring the quantized export against fp32 (it runs both models many times: slow on a CPU at the "
+        "real vocabulary)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)

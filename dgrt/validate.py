@@ -148,7 +148,7 @@ def validate(
         import transformers
     except ImportError:
         raise DgrtError("the reference needs transformers: pip install 'dgrt[reference]'.") from None
-    from dgrt.checkpoint import Checkpoint, model_sharing
+    from dgrt.checkpoint import Checkpoint, load_model, model_sharing
     from dgrt.contract import manifest as manifest_mod
 
     export_dir, reference_dir = Path(export_dir), Path(reference_dir)
@@ -174,8 +174,10 @@ def validate(
     with torch.inference_mode():
         measured = plan.errors(gen.backend, subject_logits(gen.backend, export_dir, manifest))
         kv, logits = measured.kv, measured.logits
-        # On the reference's own tensors where the dtypes agree: one fp32 copy of the weights, not two.
-        model = model_sharing(hf, ref_ckpt.config, manifest.torch_dtype)
+        # No second copy of the weights: in fp32 the reference's own tensors, else the checkpoint's mapped
+        # files, converted as they are read where the checkpoint's dtype is not the export's.
+        dtype = manifest.torch_dtype
+        model = model_sharing(hf, ref_ckpt.config) if dtype == torch.float32 else load_model(ref_ckpt, dtype)
         baseline = plan.errors(TorchBackend(model), torch_logits(model))
         del model
         e2e = [shared_noise(gen, hf, ids, sampler, canvases, seed + i) for i, ids in enumerate(prompt_ids)]
