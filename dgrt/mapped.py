@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 # Linux's MAP_NORESERVE (Python 3.11's mmap lacks the name): a private writable mapping is otherwise charged
 # in full against the kernel's commit limit, and one larger than RAM (weights.bin of the 26B) is refused.
-_MAP_NORESERVE = 0x4000
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 class FileMaps:

@@ -15,6 +15,7 @@ import dgrt
 from dgrt.checkpoint import Checkpoint, expected_tensors, load_model
 from dgrt.cli import main
 from dgrt.errors import CheckpointError, ConfigError, DgrtError
+from dgrt.mapped import FileMaps
 from dgrt.runtime.backends import TorchBackend
 from dgrt.runtime.tokenizer import Tokenizer
 from dgrt.sampler import SamplerConfig
@@ -183,6 +184,19 @@ def test_the_torch_backend_maps_an_exports_weights(exports: dict[str, Path]) -> 
     # The one weight an export lacks (the last layer's unused prefill scalar) is filled in, not mapped.
     unmapped = [n for n, p in model.named_parameters() if not any(lo <= p.data_ptr() < hi for lo, hi in mapped)]
     assert unmapped == [f"layers.{model.config.num_layers - 1}.encoder_layer_scalar"]
+
+
+def test_a_weights_file_larger_than_memory_maps(tmp_path: Path) -> None:
+    """weights.bin of the 26B in fp32 is 103 GB: mapping it must not need that much memory to commit."""
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    memory = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    big = tmp_path / "weights.bin"
+    with open(big, "wb") as f:  # sparse: takes no disk
+        f.truncate(memory + 2**30)
+        f.seek(memory)
+        f.write(torch.arange(4, dtype=torch.float32).numpy().tobytes())
+    view = FileMaps().tensor(big, memory, torch.float32, (2, 2))
+    assert view is not None and view.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_a_bfloat16_checkpoint_runs_in_float32_without_a_float32_copy(tmp_path: Path, tiny_ckpt: Path) -> None:
