@@ -198,13 +198,7 @@ class Checkpoint:
         view = self._maps.tensor(info.file, info.start, FLOAT_DTYPES[info.dtype], info.shape)
         return self.tensor(key) if view is None else view
 
-    def state_dict(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(dgrt parameter name, tensor) pairs, one tensor read at a time."""
-        for key, (name, _) in expected_tensors(self.config).items():
-            t = self.tensor(key)
-            yield name, t if dtype is None else t.to(dtype)
-
-    def mapped_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(dgrt parameter name, tensor) pairs, each a view of its file (see `mapped`), as stored."""
         for key, (name, _) in expected_tensors(self.config).items():
             yield name, self.mapped(key)
@@ -283,7 +277,7 @@ def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype | None = 
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     target = dtype or ckpt.dtype
-    tensors = ckpt.mapped_state_dict()
+    tensors = ckpt.state_dict()
     if dtype is None:
         tensors = ((name, t if t.dtype == target else t.to(target)) for name, t in tensors)
     model = build_model(ckpt.config, tensors)

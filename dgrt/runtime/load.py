@@ -182,11 +182,6 @@ def _model_from_export(path: Path, manifest: Manifest) -> Any:
         model = DiffusionGemma(cfg)
     dtype = manifest.torch_dtype
     maps = FileMaps()
-    floats = {
-        ir.DataType.FLOAT: torch.float32,
-        ir.DataType.FLOAT16: torch.float16,
-        ir.DataType.BFLOAT16: torch.bfloat16,
-    }
     state: dict[str, torch.Tensor] = {}
     for graph in manifest.graphs.values():
         for name, value in ir.load(path / graph.file).graph.initializers.items():
@@ -194,11 +189,14 @@ def _model_from_export(path: Path, manifest: Manifest) -> Any:
             if not name.startswith("model.") or name.removeprefix("model.") in state or stored is None:
                 continue
             view = None
-            # Only the export's own weights file is mapped; any other reference is read by onnx_ir, which
-            # checks that it stays inside the export folder.
-            if isinstance(stored, ir.ExternalTensor) and stored.location == manifest.weights.file:
-                if floats.get(stored.dtype) == dtype:
-                    view = maps.tensor(path / manifest.weights.file, stored.offset or 0, dtype, stored.shape.numpy())
+            # Only the export's own weights file is mapped, and only weights in the export's dtype; any other
+            # reference is read by onnx_ir, which checks that it stays inside the export folder.
+            if (
+                isinstance(stored, ir.ExternalTensor)
+                and stored.location == manifest.weights.file
+                and stored.dtype.numpy().name == DTYPES[manifest.dtype]
+            ):
+                view = maps.tensor(path / manifest.weights.file, stored.offset or 0, dtype, stored.shape.numpy())
             state[name.removeprefix("model.")] = torch.from_numpy(stored.numpy().copy()) if view is None else view
     params = dict(model.named_parameters())
     for name in params.keys() - state.keys():
