@@ -34,12 +34,12 @@ from dgrt.tensorrt.targets import TARGETS
 
 GB = 1e9  # vendors' unit
 RESERVED_GB = {"datacenter": 2.0, "jetson": 8.0}  # CUDA context and workspace; on Jetson also the OS
-# What the graphs hold at their peaks, counted on ONNX Runtime (heaptrack on the real-width slice,
-# 2026-12-01; docs/measurements.md): in the denoise graph's vocabulary tail, four fp32 [B, head chunk, V]
-# buffers (the processed logits, log-probabilities, probabilities and one more of ONNX Runtime's plan); in
-# a routed MoE, two [E, capacity, H] (the tokens gathered and their transposed copy, or the results and
-# theirs); beside either, about eight [B, n, H] tensors of the layer's own stream.
-VOCAB_TEMPORARIES = 4
+# What the graphs hold at their peaks, counted on ONNX Runtime (the real-width slice, 2026-12-01;
+# docs/measurements.md): in the denoise graph's vocabulary tail, three fp32 [B, head chunk, V] buffers
+# (the processed logits, log-probabilities and probabilities); in a routed MoE, two [E, capacity, H] (the
+# tokens gathered and their transposed copy, or the results and theirs); beside either, about eight
+# [B, n, H] tensors of the layer's own stream.
+VOCAB_TEMPORARIES = 3
 EXPERT_TEMPORARIES = 2
 STREAM_TEMPORARIES = 8
 
