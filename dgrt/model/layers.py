@@ -152,9 +152,12 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         q = q.transpose(1, 2).reshape(b, self.num_kv_heads, groups, s, self.head_dim)
         scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2))  # scaling is 1.0 in Gemma 4
-        # A finite fill: a padding query that sees nothing stays finite (its output is never used).
-        scores = scores.masked_fill(~mask[:, None, None], torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        # The mask is added in fp32, as 0 or float32's lowest: x + lowest rounds to lowest, so this equals
+        # filling the masked scores, and a padding query that sees nothing stays finite (its output is never
+        # used). Not a masked_fill: ONNX Runtime's Where over the scores took a second buffer of their size
+        # and 5x an Add's time ([2, 8, 256, 8448] fp32 on 2 threads: 360 ms against 120).
+        bias = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None]
+        probs = torch.softmax(scores.float() + bias, dim=-1).to(q.dtype)
         out = torch.matmul(probs, values[:, :, None])  # [B, kv, groups, S, D]
         out = out.reshape(b, self.num_heads, s, self.head_dim).transpose(1, 2)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))  # no -1 beside a batch of 0
