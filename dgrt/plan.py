@@ -192,8 +192,14 @@ def sizes(
     def held(s: LayerShape, cached: int) -> int:  # what a layer reads of `cached` tokens
         return cached if s.window is None else min(cached, s.window - 1)
 
-    def attention(queries: int, cached: int, of: list[LayerShape]) -> int:  # scores and softmax, fp32
-        return max((2 * batch * heads * queries * (held(s, cached) + queries) * 4 for s in of), default=0)
+    def attention(queries: int, cached: int, of: list[LayerShape]) -> int:
+        # the scores and the masked scores (fp32), and beside them the values the layer read, copied once
+        # with the new ones appended (what it reads: see held)
+        def one(s: LayerShape) -> int:
+            keys = held(s, cached) + queries
+            return batch * (2 * heads * queries * keys * 4 + s.num_kv_heads * keys * s.head_dim * act)
+
+        return max(map(one, of), default=0)
 
     def expert_tensors(tokens: int) -> int:  # every expert's tokens and results, [E, capacity or all tokens, H]
         per_expert = routing.capacity(cfg, batch * tokens) if routing.routed else batch * tokens
