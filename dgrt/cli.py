@@ -63,7 +63,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         quant=Recipe(args.quant, args.block_size) if args.quant else None,
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
-        measure_accuracy=not args.no_accuracy,
+        accuracy="off" if args.no_accuracy else args.accuracy,
     )
     t0 = time.perf_counter()
     exported = export(args.checkpoint, args.output, options, force=args.force)
@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dgrt.contract.experts import DEFAULT_CAPACITY_FACTOR, FORMULATIONS
     from dgrt.contract.io_spec import DTYPES
     from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK
+    from dgrt.exporter.accuracy import MODES as ACCURACY_MODES
+    from dgrt.exporter.accuracy import QUICK_ABOVE_BYTES
     from dgrt.exporter.onnx_export import DEFAULT_HEAD_CHUNK, DEFAULT_OPSET
     from dgrt.exporter.quantize import BLOCK_SIZES, RECIPES
     from dgrt.presets import PRESETS, REAL_MODELS
@@ -539,11 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calibration-samples", type=int, default=32, help="prompts to calibrate on (default 32)")
     p.add_argument(
-        "--no-accuracy",
-        action="store_true",
-        help="skip measuring the quantized export against fp32 (it runs both models many times: slow on a CPU at the "
-        "real vocabulary)",
+        "--accuracy",
+        choices=ACCURACY_MODES,
+        default="auto",
+        help="measure the quantized export against fp32: full (teacher-forced over 3 prompts, 2 canvases, 16 steps, "
+        "then both generate), quick (1 prompt, 1 canvas, 4 steps), off; default auto: quick for checkpoints over "
+        f"{QUICK_ABOVE_BYTES / 2**30:.0f} GiB, whose every step is slow on a CPU, else full",
     )
+    p.add_argument("--no-accuracy", action="store_true", help="the same as --accuracy off")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
 

@@ -200,7 +200,7 @@ def test_an_architecture_exported_again_is_not_traced_again(
     tens of seconds), and what one export changes in its copy (Q/DQ, the debug output) stays in it."""
 
     monkeypatch.setattr(tracing, "_trace_both", no_tracing)
-    export(tiny_ckpt, tmp_path / "int4", ExportOptions(quant=Recipe("int4", 32), measure_accuracy=False))
+    export(tiny_ckpt, tmp_path / "int4", ExportOptions(quant=Recipe("int4", 32), accuracy="off"))
     export(tiny_ckpt, tmp_path / "plain")
     assert (tmp_path / "plain" / "prefill.onnx").read_bytes() == (exports["tiny"] / "prefill.onnx").read_bytes()
     plain, traced = (

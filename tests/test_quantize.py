@@ -14,7 +14,7 @@ import torch
 import dgrt
 from dgrt.checkpoint import Checkpoint, checkpoint_key
 from dgrt.errors import DgrtError
-from dgrt.exporter import quantize
+from dgrt.exporter import accuracy, quantize
 from dgrt.exporter.calibrate import builtin_prompts, read_prompts
 from dgrt.exporter.lint import lint_export, lint_model
 from dgrt.exporter.onnx_export import ExportOptions, export
@@ -187,6 +187,25 @@ def test_manifest_records_the_recipe_calibration_and_accuracy(quantized: dict[st
     assert tf["argmax_agreement"] > 0.4 and tf["logits_cosine_p1"] > 0.3
     int4 = json.loads((quantized["int4"] / "manifest.json").read_text())["quantization"]
     assert int4["block_size"] == 32 and "calibration" not in int4  # weight-only: nothing to calibrate
+
+
+def test_a_quick_accuracy_report_is_teacher_forced_over_one_canvas(quantized: dict[str, Path], tiny_ckpt: Path) -> None:
+    report = accuracy.measure(quantized["int4"], tiny_ckpt, "quick")
+    tf = report["teacher_forced"]
+    steps = min(4, dgrt.load(quantized["int4"]).sampler.steps)
+    canvas = json.loads((quantized["int4"] / "manifest.json").read_text())["canvas_length"]
+    assert report["mode"] == "quick" and len(report["prompts"]) == 1
+    assert (tf["canvases"], tf["steps_per_canvas"], tf["positions"]) == (1, steps, steps * canvas)
+    assert "steps_per_canvas" not in report and "task" not in report  # no end-to-end runs
+    assert "quick report" in accuracy.format_summary("int4", report)
+
+
+def test_accuracy_auto_is_quick_above_a_checkpoint_size() -> None:
+    big = accuracy.QUICK_ABOVE_BYTES + 1
+    assert accuracy.resolve_mode("auto", big) == "quick" and accuracy.resolve_mode("auto", 2**20) == "full"
+    assert accuracy.resolve_mode("full", big) == "full" and accuracy.resolve_mode("off", 2**20) == "off"
+    with pytest.raises(DgrtError, match="accuracy mode 'fast' is not one of auto, full, quick, off"):
+        accuracy.resolve_mode("fast", 2**20)
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "int4", "int4-experts"])

@@ -114,9 +114,7 @@ def test_quantized_exports_keep_the_answers(tmp_path: Path, recipe: str) -> None
     from dgrt.exporter.quantize import Recipe
 
     out = tmp_path / recipe
-    export(
-        shipped_checkpoint(), out, ExportOptions(quant=Recipe(recipe), calibration_samples=16, measure_accuracy=False)
-    )
+    export(shipped_checkpoint(), out, ExportOptions(quant=Recipe(recipe), calibration_samples=16, accuracy="off"))
     accuracy = measure(out, shipped_checkpoint(), task_examples=64)
     # Measured 2026-11-28 (200 questions): fp8 and int4-experts 100.0% like fp32, 2.00 steps per canvas,
     # teacher-forced argmax agreement 100%. The goals: within 2 points and 20% of fp32.

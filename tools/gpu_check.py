@@ -196,7 +196,7 @@ def check_model(
     if trt_ok and task is not None:  # the quantized engines, judged by the task they must still solve
         for recipe in ("fp8", "int4"):
             q_onnx = args.results / f"{name}-{recipe}-onnx"
-            quantize = ExportOptions(quant=Recipe(recipe), measure_accuracy=False)
+            quantize = ExportOptions(quant=Recipe(recipe), accuracy="off")
             if attempt(
                 results,
                 f"{name}_{recipe}",

@@ -22,6 +22,7 @@ from dgrt.contract.experts import FORMULATIONS, ROUTED, ExpertRouting
 from dgrt.contract.io_spec import DTYPES, TORCH_DTYPES, denoise_spec, prefill_spec
 from dgrt.contract.manifest import Manifest, WeightsEntry, default_prefill_chunk, mark_verified
 from dgrt.errors import DgrtError
+from dgrt.exporter.accuracy import measure, resolve_mode
 from dgrt.exporter.lint import LintReport, lint_export
 from dgrt.exporter.manifest import build as build_manifest
 from dgrt.exporter.quantize import (
@@ -65,7 +66,8 @@ class ExportOptions:
     # FP8 calibration prompts: 'auto', 'builtin', 'task' or a file (see dgrt.exporter.calibrate.read_prompts)
     calibration: str = "auto"
     calibration_samples: int = 32
-    measure_accuracy: bool = True  # quantized exports: measure against fp32 into the manifest
+    # quantized exports: measure against fp32 into the manifest; a mode of dgrt.exporter.accuracy
+    accuracy: str = "auto"
 
 
 def default_head_chunk(dtype: str, canvas: int) -> int:
@@ -95,6 +97,7 @@ def export(
             f"unsupported opset {options.opset}; expected {SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}."
         )
     ckpt = Checkpoint.open(checkpoint_dir)
+    accuracy = resolve_mode(options.accuracy, ckpt.weight_bytes)
     cfg = ckpt.config
     max_context = cfg.max_position_embeddings if options.max_context is None else options.max_context
     if not cfg.canvas_length < max_context <= cfg.max_position_embeddings:
@@ -183,11 +186,9 @@ def export(
         report = lint_export(tmp)
         if not report.ok:
             raise DgrtError(f"the exported graphs fail the TensorRT lint: {report.errors[0]}")
-        if quantization is not None and options.measure_accuracy:
-            from dgrt.exporter.accuracy import measure
-
-            progress.update("measuring accuracy against fp32")
-            manifest = replace(manifest, quantization=quantization | {"accuracy": measure(tmp, ckpt.path)})
+        if quantization is not None and accuracy != "off":
+            progress.update(f"measuring accuracy against fp32 ({accuracy})")
+            manifest = replace(manifest, quantization=quantization | {"accuracy": measure(tmp, ckpt.path, accuracy)})
             manifest_mod.write(tmp, manifest)
         progress.close()
     return Exported(manifest, report)
