@@ -194,13 +194,20 @@ def session_options(manifest: Manifest, threads: int | None = None, prepack: boo
     No MatMulScaleFusion: it folds the embedding scale into the self-conditioning MatMul as a new node,
     whose higher index puts it after the next head chunk's work in priority order, so one chunk's
     [B, head chunk, V] probabilities waited through the next chunk (real-width slice: a step's peak
-    519 -> 391 MiB without it, the same step time)."""
+    519 -> 391 MiB without it, the same step time).
+
+    A quantized export also runs without constant folding: with its Q/DQ kept as written
+    (`session.disable_quant_qdq`), ONNX Runtime folds every weight's DequantizeLinear into an fp32 copy
+    held by each session (those under 1 GiB), so an INT4 session held more than an fp32 one, whose weights
+    stay mapped (real-width INT4 slice, a denoise session: 2632 MiB loaded against 164-381 without folding,
+    a step 4734 -> 3401 MiB at its peak, 8.4 -> 9.6 s, the weights dequantized at each call instead)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     options.enable_mem_reuse = False
-    options.add_session_config_entry("optimization.disable_specified_optimizers", "MatMulScaleFusion")
+    disabled = ["MatMulScaleFusion"] + (["ConstantFolding"] if manifest.quantization is not None else [])
+    options.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
     if manifest.quantization is None:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
