@@ -27,7 +27,7 @@ from dgrt.contract.experts import ExpertRouting
 from dgrt.plan import resolve, sizes, weights_of
 
 CHILD = r"""
-import json, re, sys, time, torch
+import ctypes, json, re, sys, time, torch
 from pathlib import Path
 from dgrt.contract import manifest as mf
 from dgrt.runtime import backends
@@ -41,6 +41,9 @@ def status():
     return {k: int(re.search(k + r":\s+(\d+)", s).group(1)) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}
 
 def measured(fn):  # fn()'s peak RSS less the file pages and the anonymous memory before it (MiB), seconds, peak
+    # Return the heap's free pages first: memory an earlier call freed but glibc kept would otherwise be
+    # counted before the call and reused by it, or trimmed during it, and the difference would drift.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = status()
     Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's peak (VmHWM)
     t = time.perf_counter()
