@@ -67,7 +67,6 @@ def measure(
     # fp32 whatever the checkpoint stores (the real one is bf16): the reference, and the fp32 side end to end.
     model = load_model(checkpoint_dir, torch.float32)
     quantized = dgrt.load(export_dir, backend="onnxruntime")
-    full = dgrt.load(checkpoint_dir, backend=TorchBackend(model))
     task = Task.from_dir(checkpoint_dir)
     prompts = [e.question for e in task.examples(3, seed=seed + 1)] if task else list(DEFAULT_PROMPTS)
     prompts = prompts[: scope.prompts]
@@ -97,19 +96,19 @@ def measure(
         },
     }
     if scope.end_to_end:
+        full = dgrt.load(checkpoint_dir, backend=TorchBackend(model))
+        sides = (("fp32", full), ("quantized", quantized))
         new_tokens = scope.canvases * quantized.info.canvas_length
         steps = {
             name: gen.generate(prompts, seed=seed, max_new_tokens=new_tokens).mean_steps_per_canvas
-            for name, gen in (("fp32", full), ("quantized", quantized))
+            for name, gen in sides
         }
         result["steps_per_canvas"] = steps | {"limit": quantized.sampler.steps}
-    if scope.end_to_end and task is not None and task_examples:
-        examples = task.examples(task_examples)
-        result["task"] = {
-            name: vars(score(gen, examples, seed=seed)) for name, gen in (("fp32", full), ("quantized", quantized))
-        }
+        if task is not None and task_examples:
+            examples = task.examples(task_examples)
+            result["task"] = {name: vars(score(gen, examples, seed=seed)) for name, gen in sides}
+        full.close()
     quantized.close()
-    full.close()
     return result
 
 
