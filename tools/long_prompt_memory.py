@@ -1,7 +1,8 @@
 """Memory and time of a long prompt's chunked prefill and the denoise steps after it, on ONNX Runtime,
 against `dgrt plan`'s estimate of each graph's activations.
 
-    python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 3] [--threads 2] [--arena]
+    python tools/long_prompt_memory.py EXPORT_DIR [--prompts 2048 32768] [--steps 3] [--threads 2]
+                                       [--arena] [--glibc-malloc]
 
 Each prompt length runs in a fresh process: load the export, prefill a random prompt the way `generate`
 does (in chunks of the export's prefill_chunk, into a KV cache sized for the prompt and one canvas) once
@@ -10,7 +11,8 @@ kernel peak RSS is reset before it; reported in MiB: the peak RSS, and "beyond":
 weights' file-backed pages and the anonymous memory before the call (what the call itself needed:
 activations and ONNX Runtime's buffers), next to `dgrt plan`'s activation estimate for that graph at the
 expert capacity the call ran with. Steps: the median of those after the first. --arena turns ONNX
-Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs.
+Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs; --glibc-malloc leaves
+glibc's mmap threshold as glibc moves it (dgrt fixes it at 1 MiB, see dgrt.runtime.heap).
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ def measured(fn):  # fn()'s peak RSS less the file pages and the anonymous memor
     return after["VmHWM"] - after["RssFile"] - before["RssAnon"], seconds, after["VmHWM"]
 
 path, prompt, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-if sys.argv[5] == "arena":
+if "arena" in sys.argv[5]:
     plain = backends.session_options
     def with_arena(*args, **kwargs):
         options = plain(*args, **kwargs)
         options.enable_cpu_mem_arena = True
         return options
     backends.session_options = with_arena
+if "glibc" in sys.argv[5]:
+    backends.map_large_blocks = lambda: False
 m = mf.load(path)
 backend = OnnxRuntimeBackend(path, m, threads=threads)
 capacity = {}  # tokens of a routed call -> the slots per expert it last ran with (after any redo)
@@ -117,10 +121,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arena", action="store_true", help="ONNX Runtime's CPU memory arena on")
+    parser.add_argument(
+        "--glibc-malloc", action="store_true", help="leave glibc's dynamic mmap threshold (see dgrt.runtime.heap)"
+    )
     args = parser.parse_args()
-    arena = "arena on" if args.arena else "no arena"
+    mode = [name for name, on in (("arena", args.arena), ("glibc", args.glibc_malloc)) if on]
+    setup = ", ".join(["arena on" if args.arena else "no arena"] + ["glibc's own mmap threshold"] * args.glibc_malloc)
     print(
-        f"{date.today()}, {args.export_dir}, {args.threads} threads, {arena}, batch 1, a warm-up prefill, then "
+        f"{date.today()}, {args.export_dir}, {args.threads} threads, {setup}, batch 1, a warm-up prefill, then "
         f"the prefill and {args.steps} steps measured (MiB; steps: the median of those after the first)"
     )
     print(
@@ -137,7 +145,7 @@ def main() -> None:
                 str(prompt),
                 str(args.steps),
                 str(args.threads),
-                "arena" if args.arena else "none",
+                ",".join(mode) or "none",
             ],
             check=True,
             capture_output=True,

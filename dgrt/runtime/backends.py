@@ -25,6 +25,7 @@ from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.runtime.experts import RoutedCalls, run_modules, run_with_slots, slot_ids
+from dgrt.runtime.heap import map_large_blocks
 
 KV = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -245,6 +246,8 @@ class OnnxRuntimeBackend:
             raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
         self.dtype = manifest.torch_dtype
         self.device = ort_device(providers)
+        if self.device.type == "cpu":
+            map_large_blocks()  # ONNX Runtime's CPU tensors: see dgrt.runtime.heap
         self.sessions = {}
         self.specs = {name: graph.spec for name, graph in manifest.graphs.items()}
         for name, graph in manifest.graphs.items():
