@@ -63,6 +63,20 @@ def timed_runs(fn: Callable[[], object], runs: int) -> list[float]:
     return times
 
 
+def interleaved_runs(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """timed_runs of several functions taken in turn, one call of each per round, so that a machine
+    getting slower or faster during the measurement moves every side alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 @dataclass
 class SideResult:
     prefill_seconds: dict[int, Timing] = field(default_factory=dict)  # by prompt length

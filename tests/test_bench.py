@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli
 
+from dgrt.bench import interleaved_runs
 from dgrt.cli import main
 
 TIMING_KEYS = {"median", "low", "high"}
@@ -82,3 +83,10 @@ def test_bench_refuses_numbers_out_of_range_in_one_line(
     assert main(["bench", str(exports["tiny"]), *args]) == 2
     err = capsys.readouterr().err
     assert err == f"dgrt: error: {message}\n"
+
+
+def test_interleaved_runs_take_the_sides_in_turn_after_a_warm_up_each() -> None:
+    calls: list[str] = []
+    times = interleaved_runs({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=2)
+    assert calls == ["a", "b"] * 3
+    assert [len(t) for t in times.values()] == [2, 2] and all(x >= 0 for t in times.values() for x in t)

@@ -1,10 +1,13 @@
-"""ONNX Runtime's `com.microsoft.MoE` (CPU) against dgrt's routed experts graph, one layer at real widths.
+"""The MoE block on ONNX Runtime, one layer at real widths: dgrt's dense and routed graphs, and ORT's
+`com.microsoft.MoE` contrib operator.
 
-    python tools/ort_moe_contrib.py [--tokens 256] [--runs 5] [--threads 2] [--workdir DIR]
+    python tools/bench_moe_ort.py [--tokens 256] [--runs 5] [--threads 2] [--workdir DIR]
 
-Both in fp32 on ONNX Runtime's CPU provider, one warm-up then `--runs` timed runs, medians and ranges:
-* dgrt: the `Experts` module (routed, capacity 2x the mean load) exported alone with torch.onnx, the
-  router's top-k ids and weights given as inputs;
+All in fp32 on ONNX Runtime's CPU provider with dgrt's session options, one warm-up each then `--runs`
+rounds of one call of each, medians and ranges:
+* dgrt dense and routed: the `Experts` module (dgrt.model.layers) exported alone with torch.onnx in each
+  formulation (routed at capacity 2x the mean load, or the busiest expert's load if higher), the router's
+  top-k ids and weights given as inputs, the same weights; their outputs compared;
 * ORT's MoE contrib operator with the same widths. Its CPU kernel has no gelu-tanh GLU (Gemma's expert
   activation: it takes interleaved SwiGLU only), and routes with its own softmax over the top-k logits,
   so it cannot compute DiffusionGemma's experts: this measures its speed at the same FLOPs, not a
@@ -15,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from statistics import median
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -29,45 +36,48 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source tree
 
-from dgrt.bench import timed_runs  # noqa: E402
+from dgrt.bench import interleaved_runs  # noqa: E402
 from dgrt.config import ModelConfig  # noqa: E402
 from dgrt.contract.experts import ExpertRouting  # noqa: E402
 from dgrt.model.layers import Experts, ExpertSlots  # noqa: E402
 from dgrt.presets import real_config  # noqa: E402
+from dgrt.runtime.backends import session_options  # noqa: E402
 
 
-class RoutedBlock(torch.nn.Module):
+class Block(torch.nn.Module):
+    """The experts with the routing as inputs; routed when given the slots."""
+
     def __init__(self, experts: Experts):
         super().__init__()
         self.experts = experts
 
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, slots: torch.Tensor
+        self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, slots: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.experts(x, weights, chosen, ExpertSlots(slots))
+        return self.experts(x, weights, chosen, None if slots is None else ExpertSlots(slots))
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    plain = SimpleNamespace(quantization=None, session_config={})  # what session_options reads of a manifest
+    options = session_options(plain, threads)  # type: ignore[arg-type]
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def dgrt_block(cfg: ModelConfig, work: Path, feed: dict[str, np.ndarray], runs: int, threads: int) -> list[float]:
-    experts = Experts(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    for p in experts.parameters():
-        p.data = torch.randn(p.shape, generator=gen) * 0.02
-    args = tuple(torch.from_numpy(feed[k]) for k in ("x", "weights", "chosen", "slots"))
-    program = torch.onnx.export(RoutedBlock(experts), args, input_names=["x", "weights", "chosen", "slots"],
-                                output_names=["out"], opset_version=21, dynamo=True)  # fmt: skip
+def dgrt_block(experts: Experts, work: Path, feed: dict[str, np.ndarray], threads: int) -> Callable[[], np.ndarray]:
+    """Export the block for these inputs (routed when the feed has slots); a call runs it on them."""
+    names = [k for k in ("x", "weights", "chosen", "slots") if k in feed]
+    args = tuple(torch.from_numpy(feed[k]) for k in names)
+    program = torch.onnx.export(Block(experts), args, input_names=names, output_names=["out"], opset_version=21,
+                                dynamo=True)  # fmt: skip
     assert program is not None
-    program.save(str(work / "dgrt.onnx"), external_data=True)
-    s = session(work / "dgrt.onnx", threads)
-    return timed_runs(lambda: s.run(None, feed), runs)
+    path = work / ("routed.onnx" if "slots" in feed else "dense.onnx")
+    program.save(str(path), external_data=True)
+    s = session(path, threads)
+    return lambda: s.run(None, feed)[0]
 
 
-def contrib_moe(cfg: ModelConfig, work: Path, tokens: int, runs: int, threads: int) -> list[float]:
+def contrib_moe(cfg: ModelConfig, work: Path, tokens: int, threads: int) -> Callable[[], np.ndarray]:
+    """ORT's MoE operator at these widths, random weights and inputs; a call runs it."""
     e, h, i, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.top_k_experts
     rng = np.random.default_rng(0)
     fc1 = (rng.standard_normal((e, 2 * i, h)) * 0.02).astype(np.float32)
@@ -89,7 +99,7 @@ def contrib_moe(cfg: ModelConfig, work: Path, tokens: int, runs: int, threads: i
     s = session(work / "moe.onnx", threads)
     feed = {"input": rng.standard_normal((tokens, h)).astype(np.float32),
             "router_probs": rng.standard_normal((tokens, e)).astype(np.float32)}  # fmt: skip
-    return timed_runs(lambda: s.run(None, feed), runs)
+    return lambda: s.run(None, feed)[0]
 
 
 def main() -> None:
@@ -114,15 +124,33 @@ def main() -> None:
         "chosen": top_i.numpy(),
         "slots": np.arange(capacity, dtype=np.int64),
     }
-    ours = dgrt_block(cfg, work, feed, args.runs, args.threads)
-    theirs = contrib_moe(cfg, work, args.tokens, args.runs, args.threads)
+    experts = Experts(cfg).eval()
+    weights = torch.Generator().manual_seed(0)
+    for p in experts.parameters():
+        p.data = torch.randn(p.shape, generator=weights) * 0.02
+    blocks = {
+        "routed": dgrt_block(experts, work, feed, args.threads),
+        "dense": dgrt_block(experts, work, {k: v for k, v in feed.items() if k != "slots"}, args.threads),
+        "contrib": contrib_moe(cfg, work, args.tokens, args.threads),
+    }
+    times = interleaved_runs(blocks, args.runs)
+    routed, dense, theirs = times["routed"], times["dense"], times["contrib"]
+    difference = float(np.abs(blocks["routed"]() - blocks["dense"]()).max())
+
+    def summary(times: list[float]) -> dict[str, float]:
+        return {"median": median(times), "min": min(times), "max": max(times)}
+
     print(json.dumps({
         "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}",
         "shape": f"{args.tokens} tokens, hidden {cfg.hidden_size}, {cfg.num_experts} experts of "
                  f"{cfg.moe_intermediate_size}, top-{cfg.top_k_experts}, fp32, {args.threads} threads",
         "dgrt_routed_capacity": capacity,
-        "dgrt_routed_s": {"median": median(ours), "min": min(ours), "max": max(ours)},
-        "ort_contrib_moe_s": {"median": median(theirs), "min": min(theirs), "max": max(theirs)},
+        "dgrt_dense_s": summary(dense),
+        "dgrt_routed_s": summary(routed),
+        "routed_speedup": median(dense) / median(routed),
+        "max_abs_difference": difference,
+        "ort_contrib_moe_s": summary(theirs),
     }, indent=2))  # fmt: skip
 
 
