@@ -1,5 +1,6 @@
-"""glibc's mmap threshold, as the ONNX Runtime backend sets it: a tensor-sized malloc gets its own mapping
-even after a larger block was freed (which, left to glibc, raises the threshold past it)."""
+"""glibc's mmap threshold, as the ONNX Runtime backend sets it around its calls: a tensor-sized malloc gets
+its own mapping even after a larger block was freed (which, left to glibc, raises the threshold past it),
+and between the calls glibc's heap serves it as glibc would."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import platform
 
 import pytest
 
-from dgrt.runtime.heap import map_large_blocks
+from dgrt.runtime.heap import OUTSIDE, large_blocks_mapped
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
@@ -33,13 +34,20 @@ def mapped_by_malloc(size: int) -> bool:
     return mapped
 
 
-def test_a_tensor_sized_block_is_mapped_after_a_larger_one_was_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensor_sized_blocks_are_mapped_during_onnx_runtime_calls_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert map_large_blocks()
-    libc.free(libc.malloc(16 << 20))  # glibc alone would now serve blocks up to 16 MiB from its heap
-    assert mapped_by_malloc(2 << 20)
+    libc.free(libc.malloc(16 << 20))  # glibc alone now serves blocks up to 16 MiB from its heap
+    with large_blocks_mapped():
+        assert mapped_by_malloc(2 << 20)
+        with large_blocks_mapped():  # calls in other threads
+            pass
+        assert mapped_by_malloc(2 << 20)
+    assert not mapped_by_malloc(2 << 20)  # torch's tensors between the calls come from the heap again
+    assert mapped_by_malloc(OUTSIDE)
 
 
 def test_the_users_own_threshold_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
-    assert not map_large_blocks()
+    libc.free(libc.malloc(16 << 20))
+    with large_blocks_mapped():
+        assert not mapped_by_malloc(2 << 20)

@@ -12,7 +12,8 @@ weights' file-backed pages and the anonymous memory before the call (what the ca
 activations and ONNX Runtime's buffers), next to `dgrt plan`'s activation estimate for that graph at the
 expert capacity the call ran with. Steps: the median of those after the first. --arena turns ONNX
 Runtime's CPU memory arena back on (dgrt turns it off), to measure what it costs; --glibc-malloc leaves
-glibc's mmap threshold as glibc moves it (dgrt fixes it at 1 MiB, see dgrt.runtime.heap).
+glibc's mmap threshold as glibc moves it (dgrt sets it to 1 MiB during ONNX Runtime's calls, see
+dgrt.runtime.heap).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dgrt.contract.experts import ExpertRouting
 from dgrt.plan import resolve, sizes, weights_of
 
 CHILD = r"""
-import ctypes, json, re, sys, time, torch
+import contextlib, ctypes, json, re, sys, time, torch
 from pathlib import Path
 from dgrt.contract import manifest as mf
 from dgrt.runtime import backends
@@ -62,7 +63,7 @@ if "arena" in sys.argv[5]:
         return options
     backends.session_options = with_arena
 if "glibc" in sys.argv[5]:
-    backends.map_large_blocks = lambda: False
+    backends.large_blocks_mapped = contextlib.nullcontext
 m = mf.load(path)
 backend = OnnxRuntimeBackend(path, m, threads=threads)
 capacity = {}  # tokens of a routed call -> the slots per expert it last ran with (after any redo)

@@ -13,6 +13,7 @@ take host tensors for the small inputs and return the [batch, canvas] results on
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -25,7 +26,7 @@ from dgrt.contract.io_spec import TORCH_DTYPES
 from dgrt.contract.manifest import Manifest
 from dgrt.errors import DgrtError
 from dgrt.runtime.experts import RoutedCalls, run_modules, run_with_slots, slot_ids
-from dgrt.runtime.heap import map_large_blocks
+from dgrt.runtime.heap import large_blocks_mapped
 
 KV = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -246,8 +247,6 @@ class OnnxRuntimeBackend:
             raise DgrtError("ONNX Runtime's CPU provider cannot run bf16 graphs; export with --dtype fp32 or fp16.")
         self.dtype = manifest.torch_dtype
         self.device = ort_device(providers)
-        if self.device.type == "cpu":
-            map_large_blocks()  # ONNX Runtime's CPU tensors: see dgrt.runtime.heap
         self.sessions = {}
         self.specs = {name: graph.spec for name, graph in manifest.graphs.items()}
         for name, graph in manifest.graphs.items():
@@ -298,7 +297,8 @@ class OnnxRuntimeBackend:
         self._bound[graph] = inputs  # a binding holds addresses: keep its tensors alive until the next bind
         for name, tensor in outputs.items():
             self._bind(binding, name, tensor, output=True)
-        self.sessions[graph].run_with_iobinding(binding)
+        with large_blocks_mapped() if self.device.type == "cpu" else nullcontext():  # see dgrt.runtime.heap
+            self.sessions[graph].run_with_iobinding(binding)
         if self.on_run is not None:
             self.on_run(graph, inputs, outputs)
 
