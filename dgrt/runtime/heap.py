@@ -45,8 +45,9 @@ def tunable() -> bool:
 
 
 def set_threshold(nbytes: int) -> bool:
-    """Serve every malloc of `nbytes` or more with its own mapping, returned to the kernel on free; whether
-    glibc took it (it refuses more than half its heap size, 32 MiB on 64-bit)."""
+    """Serve a malloc of `nbytes` or more that the heap's free chunks cannot with its own mapping (returned
+    to the kernel on free) instead of growing the heap; whether glibc took it (it refuses more than half its
+    heap size, 32 MiB on 64-bit)."""
     libc = _libc()
     return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, nbytes) == 1
 
