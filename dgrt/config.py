@@ -49,7 +49,7 @@ class LayerSpec:
 
     @property
     def has_v_proj(self) -> bool:
-        # Full layers have K = V: the value is the raw k_proj output (REFERENCE.md).
+        # Full layers have K = V: the value is the raw k_proj output (docs/reference.md).
         return self.is_sliding
 
 
@@ -235,7 +235,7 @@ def _parse(cfg: dict[str, Any], source: str) -> ModelConfig:
     if not isinstance(text, dict):
         raise ConfigError(f"{source}: missing 'text_config' object.")
     if not isinstance(cfg.get("vision_config"), dict):
-        # transformers silently builds a 167M-parameter default tower without one (REFERENCE.md).
+        # transformers silently builds a 167M-parameter default tower without one (docs/reference.md).
         raise ConfigError(f"{source}: missing 'vision_config' object (transformers needs one to load the model).")
     where = f"{source} text_config"
 

@@ -4,7 +4,7 @@
 accepts), generation_config.json (with EOS and pad ids), model.safetensors and a character-level tokenizer
 with a Gemma-style chat template, sized to the vocabulary. No transformers needed.
 
-Random weights follow REFERENCE.md's traps: every norm, router scale, per-expert scale and layer scalar
+Random weights follow docs/reference.md's traps: every norm, router scale, per-expert scale and layer scalar
 is randomised, encoder and decoder layer scalars differ, and matrices have a small gain so that whole
 generations are not chaotic.
 """
@@ -33,7 +33,7 @@ REAL_MODELS = ("gemma4-26b-a4b",)
 
 # The text_config values and canvas length of each preset.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Every text feature, small enough to build in milliseconds (REFERENCE.md's tiny config).
+    # Every text feature, small enough to build in milliseconds (docs/reference.md's tiny config).
     "tiny": dict(
         text=dict(
             vocab_size=256,
@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         canvas_length=16,
     ),
-    # REFERENCE.md's CPU timing config: 77M parameters, canvas 256.
+    # docs/reference.md's CPU timing config: 77M parameters, canvas 256.
     "bench": dict(
         text=dict(
             vocab_size=32768,
@@ -119,7 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# The smallest vision tower transformers builds (REFERENCE.md); without one it builds a 167M default.
+# The smallest vision tower transformers builds (docs/reference.md); without one it builds a 167M default.
 VISION_CONFIG = {
     "model_type": "gemma4_vision",
     "hidden_size": 4,

@@ -1,4 +1,4 @@
-"""DiffusionGemma's EntropyBound sampler, exactly as transformers does it (REFERENCE.md, "The sampler").
+"""DiffusionGemma's EntropyBound sampler, exactly as transformers does it (docs/reference.md, "The sampler").
 
 Two halves, one module:
 * per position, inside the denoise graph (`step_outputs`, `sample_from_uniform`): everything

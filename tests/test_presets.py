@@ -1,4 +1,4 @@
-"""`dgrt tiny` checkpoints: complete, loadable by transformers, randomised where REFERENCE.md says it matters."""
+"""`dgrt tiny` checkpoints: complete, loadable by transformers, randomised where docs/reference.md says it matters."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_preset_loads_in_transformers_without_missing_or_unexpected_keys(tmp_pat
     assert model.config.canvas_length == ckpt.config.canvas_length
     gen = transformers.GenerationConfig.from_pretrained(path)
     assert gen.eos_token_id == [1, 5] and gen.pad_token_id == 0 and gen.max_denoising_steps == 48
-    if preset == "bench":  # REFERENCE.md's 77M-parameter timing config
+    if preset == "bench":  # docs/reference.md's 77M-parameter timing config
         text_params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
         assert 77.0e6 < text_params < 77.8e6, text_params
 

@@ -87,7 +87,7 @@ def attention_mask(
     pad_lengths: torch.Tensor | None = None,
     history: int = 0,
 ) -> torch.Tensor:
-    """Boolean [1 or B, S, P + S] mask over (past, new) keys, in DynamicCache semantics (REFERENCE.md).
+    """Boolean [1 or B, S, P + S] mask over (past, new) keys, in DynamicCache semantics (docs/reference.md).
 
     Causal (prefill): query i sees past and new keys up to itself; with a window W, only keys less than W
     slots behind it. Bidirectional (denoise): every query sees the whole canvas; with a window W, only the

@@ -4,7 +4,7 @@
     result = gen.generate("Reverse 'abc'.", seed=0)     # text in (chat template applied), text out
     for event in gen.stream(["a", "b"], seed=0): ...    # drafts after each step, text after each canvas
 
-The loop is transformers' DiffusionGemma generate (REFERENCE.md): prompt prefill, canvases of uniform
+The loop is transformers' DiffusionGemma generate (docs/reference.md): prompt prefill, canvases of uniform
 random tokens denoised for up to `steps` steps with the linear temperature schedule, entropy-bound
 acceptance and renoising, per-row adaptive stopping, the last step's argmax emitted (EOS/pad applied)
 and prefilled at the positions it was denoised at. Random numbers come from one seeded generator in a
