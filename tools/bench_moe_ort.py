@@ -26,7 +26,6 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from statistics import median
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -42,6 +41,7 @@ from dgrt.contract.experts import ExpertRouting  # noqa: E402
 from dgrt.model.layers import Experts, ExpertSlots  # noqa: E402
 from dgrt.presets import real_config  # noqa: E402
 from dgrt.runtime.backends import session_options  # noqa: E402
+from dgrt.runtime.heap import large_blocks_mapped  # noqa: E402
 
 
 class Block(torch.nn.Module):
@@ -57,10 +57,16 @@ class Block(torch.nn.Module):
         return self.experts(x, weights, chosen, None if slots is None else ExpertSlots(slots))
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    plain = SimpleNamespace(quantization=None, session_config={})  # what session_options reads of a manifest
-    options = session_options(plain, threads)  # type: ignore[arg-type]
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def session(path: Path, threads: int, feed: dict[str, np.ndarray]) -> Callable[[], np.ndarray]:
+    """A call of the graph at `path` on `feed`, as dgrt's ONNX Runtime backend runs one (its session options,
+    glibc's threshold during the call)."""
+    s = ort.InferenceSession(str(path), session_options(None, threads), providers=["CPUExecutionProvider"])
+
+    def call() -> np.ndarray:
+        with large_blocks_mapped():
+            return s.run(None, feed)[0]
+
+    return call
 
 
 def dgrt_block(experts: Experts, work: Path, feed: dict[str, np.ndarray], threads: int) -> Callable[[], np.ndarray]:
@@ -72,8 +78,7 @@ def dgrt_block(experts: Experts, work: Path, feed: dict[str, np.ndarray], thread
     assert program is not None
     path = work / ("routed.onnx" if "slots" in feed else "dense.onnx")
     program.save(str(path), external_data=True)
-    s = session(path, threads)
-    return lambda: s.run(None, feed)[0]
+    return session(path, threads, feed)
 
 
 def contrib_moe(cfg: ModelConfig, work: Path, tokens: int, threads: int) -> Callable[[], np.ndarray]:
@@ -96,10 +101,9 @@ def contrib_moe(cfg: ModelConfig, work: Path, tokens: int, threads: int) -> Call
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     onnx.save(helper.make_model(graph, opset_imports=opsets), work / "moe.onnx", save_as_external_data=True)
-    s = session(work / "moe.onnx", threads)
     feed = {"input": rng.standard_normal((tokens, h)).astype(np.float32),
             "router_probs": rng.standard_normal((tokens, e)).astype(np.float32)}  # fmt: skip
-    return lambda: s.run(None, feed)[0]
+    return session(work / "moe.onnx", threads, feed)
 
 
 def main() -> None:

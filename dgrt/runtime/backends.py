@@ -169,15 +169,15 @@ def ort_device(providers: list[str] | None) -> torch.device:
     return torch.device("cuda", 0) if first == "CUDAExecutionProvider" else torch.device("cpu")
 
 
-def session_options(manifest: Manifest, threads: int | None = None, prepack: bool = False) -> Any:
-    """ONNX Runtime session options for an export's graphs: the manifest's session config entries (a
-    quantized export needs its Q/DQ run as written: see dgrt.exporter.quantize), pre-packing off unless
-    asked for, and no CPU memory arena: the arena keeps every buffer it ever grew to and fragments
-    around the denoise step's vocabulary-sized temporaries (measured at vocab 262144: 3.2 GB held after
-    a step against a 1.5 GB peak without it, and no slower on the tiny or the real-width models). Its
-    threads do not spin between calls: spinning takes the cores the Python work between calls needs
-    (2-core machine, 2026-11-30: continuous batching ran 32 requests of the trained model in 0.50 s instead
-    of 0.60 s; generate alone was unchanged).
+def session_options(manifest: Manifest | None, threads: int | None = None, prepack: bool = False) -> Any:
+    """ONNX Runtime session options for an export's graphs (None: a graph of its own, unquantized, such as a
+    benchmark's): the manifest's session config entries (a quantized export needs its Q/DQ run as written:
+    see dgrt.exporter.quantize), pre-packing off unless asked for, and no CPU memory arena: the arena keeps
+    every buffer it ever grew to and fragments around the denoise step's vocabulary-sized temporaries
+    (measured at vocab 262144: 3.2 GB held after a step against a 1.5 GB peak without it, and no slower on
+    the tiny or the real-width models). Its threads do not spin between calls: spinning takes the cores the
+    Python work between calls needs (2-core machine, 2026-11-30: continuous batching ran 32 requests of the
+    trained model in 0.50 s instead of 0.60 s; generate alone was unchanged).
 
     An unquantized export's nodes run in the graph's order (priority-based), not ONNX Runtime's default
     depth-first walk back from each output in turn, which computes every head chunk's logits before any
@@ -205,19 +205,20 @@ def session_options(manifest: Manifest, threads: int | None = None, prepack: boo
     a step 4734 -> 3401 MiB at its peak, 8.4 -> 9.6 s, the weights dequantized at each call instead)."""
     import onnxruntime as ort
 
+    quantized = manifest is not None and manifest.quantization is not None
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     options.enable_mem_reuse = False
-    disabled = ["MatMulScaleFusion"] + (["ConstantFolding"] if manifest.quantization is not None else [])
+    disabled = ["MatMulScaleFusion"] + (["ConstantFolding"] if quantized else [])
     options.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
-    if manifest.quantization is None:
+    if not quantized:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    for key, value in manifest.session_config.items():
+    for key, value in (manifest.session_config if manifest else {}).items():
         options.add_session_config_entry(key, value)
     return options
 

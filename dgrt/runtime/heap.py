@@ -44,12 +44,12 @@ def tunable() -> bool:
     return "MALLOC_MMAP_THRESHOLD_" not in os.environ and _libc() is not None
 
 
-def set_threshold(nbytes: int) -> bool:
+def _set_threshold(nbytes: int) -> None:
     """Serve a malloc of `nbytes` or more that the heap's free chunks cannot with its own mapping (returned
-    to the kernel on free) instead of growing the heap; whether glibc took it (it refuses more than half its
-    heap size, 32 MiB on 64-bit)."""
+    to the kernel on free) instead of growing the heap (glibc refuses more than 32 MiB on 64-bit)."""
     libc = _libc()
-    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, nbytes)
 
 
 @contextmanager
@@ -62,11 +62,11 @@ def large_blocks_mapped() -> Iterator[None]:
     with _lock:
         _active += 1
         if _active == 1:
-            set_threshold(DURING)
+            _set_threshold(DURING)
     try:
         yield
     finally:
         with _lock:
             _active -= 1
             if _active == 0:
-                set_threshold(OUTSIDE)
+                _set_threshold(OUTSIDE)
