@@ -1,6 +1,6 @@
 """A bounded load test of `dgrt serve` on loopback: one client at a time, then C concurrent clients.
 
-    python tools/load_test.py EXPORT [--clients 16 64] [--requests 64] [--max-batch 16] [--json FILE]
+    python tools/load_test.py EXPORT [--clients 16 64] [--requests 64] [--max-batch 16] [--threads N] [--json FILE]
 
 Starts `dgrt serve EXPORT` in its own process on a free port, sends `--requests` chat completions of the
 task's questions (or of a fixed text prompt for a model without a task) with the official openai client,
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, help="the server's CPU threads (default: dgrt serve's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -94,6 +95,7 @@ def main() -> None:
             model,
             "--max-batch",
             str(args.max_batch),
+            *(["--threads", str(args.threads)] if args.threads else []),
         ],  # fmt: skip
         stderr=subprocess.DEVNULL,
     )
@@ -122,7 +124,7 @@ def main() -> None:
             f"latency p50 {row['latency_p50_s']:.3f} s p99 {row['latency_p99_s']:.3f} s"
         )
     report = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "max_batch": args.max_batch, "runs": rows}  # fmt: skip
+              "max_batch": args.max_batch, "threads": args.threads, "runs": rows}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
