@@ -305,11 +305,12 @@ class OnnxRuntimeBackend:
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, past: list[KV]) -> list[KV]:
         b, s = ids.shape
-        new = [
-            torch.empty(b, k.shape[1], s, k.shape[3], dtype=self.dtype, device=self.device)  # the new tokens' K/V
-            for k, _ in past
-            for _ in range(2)
-        ]
+        with large_blocks_mapped() if self.device.type == "cpu" else nullcontext():  # freed after the append
+            new = [
+                torch.empty(b, k.shape[1], s, k.shape[3], dtype=self.dtype, device=self.device)  # the new K/V
+                for k, _ in past
+                for _ in range(2)
+            ]
 
         def run(extra: dict[str, torch.Tensor]) -> list[KV]:
             named = {"input_ids": ids, "position_ids": positions, "pad_lengths": pad} | extra

@@ -15,6 +15,7 @@ import torch
 
 from dgrt.config import ModelConfig
 from dgrt.errors import DgrtError
+from dgrt.runtime.heap import large_blocks_mapped
 
 
 @dataclass(frozen=True)
@@ -166,4 +167,7 @@ def _restride(flat: torch.Tensor, rows: int, dim: int, old: int, new: int, keep:
         dst = r * new * dim
         if src != dst:
             segment = flat[src : src + keep * dim]
-            flat[dst : dst + keep * dim] = segment.clone() if abs(src - dst) < keep * dim else segment
+            if abs(src - dst) < keep * dim:  # overlapping: through a temporary with its own mapping, which a
+                with large_blocks_mapped():  # heap would keep (up to 32 MiB a layer, a chunk; dgrt.runtime.heap)
+                    segment = segment.clone()
+            flat[dst : dst + keep * dim] = segment
