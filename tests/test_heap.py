@@ -13,7 +13,11 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+_libc, _version = platform.libc_ver()
+pytestmark = pytest.mark.skipif(
+    _libc != "glibc" or tuple(map(int, _version.split(".")[:2])) < (2, 33),
+    reason="glibc's malloc, 2.33 or later (mallinfo2)",
+)
 
 MALLINFO = """
 import ctypes
@@ -75,6 +79,7 @@ import torch
 from dgrt.runtime.heap import large_blocks_mapped
 from dgrt.runtime.kv_cache import KVCache, LayerShape
 
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: the heap never shrinks, so its size is its high-water mark
 with large_blocks_mapped():  # an ONNX Runtime call: glibc's threshold is 32 MiB after it
     pass
 cache = KVCache([LayerShape(2, 1024, None)], 1, 8192, torch.float32)  # 2 rows of up to 32 MiB

@@ -30,10 +30,10 @@ from dgrt.contract.experts import ExpertRouting
 from dgrt.plan import resolve, sizes, weights_of
 
 CHILD = r"""
-import contextlib, ctypes, json, re, sys, time, torch
+import ctypes, json, re, sys, time, torch
 from pathlib import Path
 from dgrt.contract import manifest as mf
-from dgrt.runtime import backends
+from dgrt.runtime import backends, heap
 from dgrt.runtime.backends import DenoiseInputs, OnnxRuntimeBackend
 from dgrt.runtime.generator import prefill
 from dgrt.runtime.kv_cache import KVCache
@@ -63,7 +63,7 @@ if "arena" in sys.argv[5]:
         return options
     backends.session_options = with_arena
 if "glibc" in sys.argv[5]:
-    backends.large_blocks_mapped = contextlib.nullcontext
+    heap.tunable = lambda: False  # and so never call mallopt, which ends glibc's own moving threshold
 m = mf.load(path)
 backend = OnnxRuntimeBackend(path, m, threads=threads)
 capacity = {}  # tokens of a routed call -> the slots per expert it last ran with (after any redo)

@@ -655,8 +655,8 @@ def prefill(
     those of one call over all S tokens, and a call's memory grows with the chunk, not the prompt."""
     for start in range(0, ids.shape[1], chunk):
         part = slice(start, start + chunk)
-        new = backend.prefill(ids[:, part].contiguous(), positions[:, part].contiguous(), pad, cache.past())
-        cache.append(new)
+        # Not kept in a variable: a chunk's K/V is freed before the next chunk's call, not during it.
+        cache.append(backend.prefill(ids[:, part].contiguous(), positions[:, part].contiguous(), pad, cache.past()))
 
 
 class Session:

@@ -13,10 +13,11 @@ onnxruntime 1.32, 2026-12-02; docs/measurements.md, "Activations").
 Outside those calls the threshold is 32 MiB, glibc's own ceiling, where a busy process's dynamic threshold
 ends up: torch in the same process (a reference model, the torch backend) maps fresh pages for every
 tensor of 1 MiB or more at a threshold of 1 MiB, and ran 15-25% slower (the bench preset's generate).
-glibc cannot go back to moving the threshold itself once it was set. The runtime's own temporaries that
-live only around a call (the KV cache's rows moved on append, a prefill chunk's new K/V) are allocated
-in the same block: from the heap they made it grow with the prompt (a 32768-token prefill held 586 MiB
-beyond the weights and cache instead of 488).
+glibc cannot go back to moving the threshold itself once it was set. The runtime's own large temporaries
+that live only around a call (on the CPU: the scratch of the KV cache's row moves on append, on every
+backend; a prefill chunk's new K/V, on ONNX Runtime's) are also allocated inside large_blocks_mapped: from
+the heap they made it grow with the prompt (a 32768-token prefill held 586 MiB beyond the weights and cache
+instead of 488).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DURING = 1 << 20
 OUTSIDE = 32 << 20
 
 _lock = threading.Lock()
-_active = 0  # ONNX Runtime calls under way in this process
+_active = 0  # large_blocks_mapped blocks open in this process
 
 
 @cache

@@ -9,13 +9,14 @@ context grows.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from dgrt.config import ModelConfig
 from dgrt.errors import DgrtError
-from dgrt.runtime.heap import large_blocks_mapped
+from dgrt.runtime.heap import DURING, large_blocks_mapped
 
 
 @dataclass(frozen=True)
@@ -161,13 +162,18 @@ def _restride(flat: torch.Tensor, rows: int, dim: int, old: int, new: int, keep:
     shrink, so each row is copied before anything overwrites it."""
     if keep == 0 or rows == 0:
         return
-    order = range(rows - 1, -1, -1) if new > old else range(rows)
-    for r in order:
-        src = (r * old + old - keep) * dim
-        dst = r * new * dim
-        if src != dst:
-            segment = flat[src : src + keep * dim]
-            if abs(src - dst) < keep * dim:  # overlapping: through a temporary with its own mapping, which a
-                with large_blocks_mapped():  # heap would keep (up to 32 MiB a layer, a chunk; dgrt.runtime.heap)
-                    segment = segment.clone()
-            flat[dst : dst + keep * dim] = segment
+    size = keep * dim
+    scratch: torch.Tensor | None = None  # for the rows that overlap their new place
+    for r in range(rows - 1, -1, -1) if new > old else range(rows):
+        src, dst = (r * old + old - keep) * dim, r * new * dim
+        if src == dst:
+            continue
+        segment = flat[src : src + size]
+        if abs(src - dst) < size:
+            if scratch is None:  # one per call, with its own mapping where large: from glibc's heap, these
+                # temporaries (up to a row of the longest layer) made it grow with the prompt (dgrt.runtime.heap)
+                large = flat.device.type == "cpu" and size * flat.element_size() >= DURING
+                with large_blocks_mapped() if large else nullcontext():
+                    scratch = torch.empty_like(segment)
+            segment = scratch.copy_(segment)
+        flat[dst : dst + size] = segment
