@@ -16,8 +16,8 @@ tensor of 1 MiB or more at a threshold of 1 MiB, and ran 15-25% slower (the benc
 glibc cannot go back to moving the threshold itself once it was set. The runtime's own large temporaries
 that live only around a call (on the CPU: the scratch of the KV cache's row moves on append, on every
 backend; a prefill chunk's new K/V, on ONNX Runtime's) are also allocated inside large_blocks_mapped: from
-the heap they made it grow with the prompt (a 32768-token prefill held 586 MiB beyond the weights and cache
-instead of 488).
+the heap they made it grow with the prompt (a 32768-token prefill of the real-width 2-layer slice held 586
+MiB beyond the weights and cache instead of 464).
 """
 
 from __future__ import annotations
