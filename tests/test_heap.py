@@ -73,7 +73,7 @@ def test_a_long_prompt_appended_chunk_by_chunk_leaves_the_heap_as_it_was() -> No
     """Appending a chunk moves each full layer's rows in place, through a temporary as large as a row (up to
     32 MiB here) where a row overlaps its new place. Given its own mapping, it leaves nothing behind; from
     the heap, the heap would keep growing with the prompt (the real-width slice's 32768-token prefill held
-    1.33x its estimate, 1.11x with these mapped)."""
+    1.33x its estimate, 1.06x with these mapped)."""
     child = MALLINFO + """
 import torch
 from dgrt.runtime.heap import large_blocks_mapped
