@@ -243,7 +243,7 @@ class OnnxRuntimeBackend:
         prepack: bool = False,
     ):
         """prepack: let the denoise session pre-pack its weights for faster GEMMs, at the cost of a private
-        copy of them. Off by default: both sessions then read the one memory-mapped weights file, shared
+        copy of them. Off by default: every session then reads the one memory-mapped weights file, shared
         (see README, "Memory")."""
         import onnxruntime as ort
 
