@@ -258,7 +258,8 @@ class OnnxRuntimeBackend:
         # first chunk, no history) and allocate the attention tensors of a later chunk beside it. On the CPU
         # the calls with a history get a session, and so plans, of their own: its sliding layers' shapes then
         # repeat from chunk to chunk (real widths, 6 layers, a 2048-token prompt: 768 -> 500 MiB beyond the
-        # weights and cache, 13.3 -> 10.8 s; the sessions share the mapped weights, a few MiB more).
+        # weights and cache, no slower; the sessions share the mapped weights, a few MiB more). A full layer
+        # attending over the growing history still misses it (docs/measurements.md, "Activations").
         graphs = dict(manifest.graphs) | ({CONTINUED: manifest.graphs["prefill"]} if self.device.type == "cpu" else {})
         for name, graph in graphs.items():
             options = session_options(manifest, threads, prepack=prepack and name == "denoise")
