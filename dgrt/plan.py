@@ -318,7 +318,7 @@ class Plan:
             "prompt (largest live tensors, estimated)",
             f"  per denoise step {_gb(s.denoise_bytes_read)} read, {s.denoise_flops / 1e12:.2f} TFLOP (dense: every "
             f"expert on every token); routed: {_gb(s.routed_bytes_read)}, {s.routed_flops / 1e12:.2f} TFLOP (each "
-            f"expert at its capacity, {ROUTED.capacity_factor:g}x the mean load)",
+            f"expert at its capacity, at most {ROUTED.capacity_factor:g}x the mean load)",
             "",
             f"{'target':<8}{'usable':>10}{'1 engine':>10}{'2 engines':>10}  {'fits':<12}{'step floor':>12}"
             f"{'routed':>10}{'tokens/s':>10}{'routed':>9}",

@@ -20,6 +20,10 @@ FORMULATIONS = ("routed", "dense")
 # ("Routed experts") for the loads measured and the trade-off: 2x is the most the FLOP goal allows, and
 # covers the busiest expert of uniform routing at a canvas of 256 tokens with 128 experts top-8.
 DEFAULT_CAPACITY_FACTOR = 2.0
+# ...or the mean plus this many standard deviations of an expert's load under uniform routing, where that is
+# fewer: with few experts 2x the mean is every token (4 experts top-2), though the load hardly strays from
+# it (the bench preset's busiest expert over 8 layers: 145-167 of 256 tokens, mean 128, sd 8).
+LOAD_SPREAD = 6.0
 SLOT_MULTIPLE = 8  # capacities are rounded up to this, for GEMM tiles and fewer distinct shapes
 
 
@@ -34,13 +38,15 @@ class ExpertRouting:
 
     def capacity(self, cfg: ModelConfig, tokens: int) -> int:
         """Slots per expert for a graph call over `tokens` tokens (batch x sequence): capacity_factor times
-        the mean load, rounded up to SLOT_MULTIPLE, at most `tokens` (where no expert can overflow)."""
-        mean = tokens * cfg.top_k_experts / cfg.num_experts
-        wanted = math.ceil(math.ceil(self.capacity_factor * mean) / SLOT_MULTIPLE) * SLOT_MULTIPLE
-        return max(1, min(tokens, wanted))
+        the mean load, or the mean plus LOAD_SPREAD standard deviations of a uniform router's load if fewer,
+        rounded up to SLOT_MULTIPLE, at most `tokens` (where no expert can overflow)."""
+        share = cfg.top_k_experts / cfg.num_experts  # of the tokens, what one expert gets on average
+        mean = tokens * share
+        slots = min(self.capacity_factor * mean, mean + LOAD_SPREAD * math.sqrt(tokens * share * (1 - share)))
+        return max(1, min(tokens, math.ceil(math.ceil(slots) / SLOT_MULTIPLE) * SLOT_MULTIPLE))
 
     def describe(self) -> str:
-        return f"routed MoE (capacity {self.capacity_factor:g}x the mean load)" if self.routed else "dense MoE"
+        return f"routed MoE (capacity at most {self.capacity_factor:g}x the mean load)" if self.routed else "dense MoE"
 
     def to_json(self) -> dict[str, object]:
         return {"formulation": self.formulation, "capacity_factor": self.capacity_factor}
