@@ -527,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--expert-capacity-factor",
         type=float,
         default=DEFAULT_CAPACITY_FACTOR,
-        help="routed MoE: slots per expert as a multiple of the mean load, tokens x top_k / experts, or fewer "
-        f"where the load cannot stray that far from its mean (few experts; default {DEFAULT_CAPACITY_FACTOR})",
+        help="routed MoE: slots per expert as a multiple of the mean load, tokens x top_k / experts, but never "
+        "more than the mean plus 6 standard deviations of a uniform router's load (few experts or many tokens; "
+        f"default {DEFAULT_CAPACITY_FACTOR})",
     )
     p.add_argument("--debug-logits", action="store_true", help="also output the denoise graph's raw logits")
     p.add_argument("--quant", choices=RECIPES, help="quantize: fp8 (W8A8), int4 (weight-only), int4-experts")

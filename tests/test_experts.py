@@ -32,8 +32,14 @@ def test_capacity_is_twice_the_mean_load_or_six_deviations_above_it_in_multiples
     assert routing.capacity(real, 1024) == 112  # a prefill chunk: mean 64, sd 7.7, 64 + 6 sd = 110.5 < 128
     assert routing.capacity(real, 3) == 3  # never more slots than tokens
     assert ExpertRouting(capacity_factor=1.3).capacity(real, 256) == 24  # 20.8 rounded up to a multiple of 8
-    few = ModelConfig.from_dict(preset_config("bench"))  # 4 experts, top-2
+    assert ExpertRouting(capacity_factor=4).capacity(real, 256) == 40  # a larger factor stops at 16 + 6 sd
+    bench = preset_config("bench")
+    few = ModelConfig.from_dict(bench)  # 4 experts, top-2
     assert routing.capacity(few, 256) == 176  # mean 128, sd 8: 176 slots, not 2x the mean (every token)
+    assert routing.capacity(few, 128) == 104  # mean 64, sd 5.7: 98 rounded up
+    assert routing.capacity(few, 1) == 1
+    every = ModelConfig.from_dict(bench | {"text_config": bench["text_config"] | {"top_k_experts": 4}})
+    assert routing.capacity(every, 256) == 256  # top-4 of 4: every expert takes every token
 
 
 def test_an_overflowing_call_runs_again_with_more_slots() -> None:

@@ -6,8 +6,8 @@
 All in fp32 on ONNX Runtime's CPU provider with dgrt's session options, one warm-up each then `--runs`
 rounds of one call of each, medians and ranges:
 * dgrt dense and routed: the `Experts` module (dgrt.model.layers) exported alone with torch.onnx in each
-  formulation (routed at capacity 2x the mean load, or the busiest expert's load if higher), the router's
-  top-k ids and weights given as inputs, the same weights; their outputs compared;
+  formulation (routed at dgrt's default capacity, ExpertRouting.capacity, or the busiest expert's load if
+  higher), the router's top-k ids and weights given as inputs, the same weights; their outputs compared;
 * ORT's MoE contrib operator with the same widths. Its CPU kernel has no gelu-tanh GLU (Gemma's expert
   activation: it takes interleaved SwiGLU only), and routes with its own softmax over the top-k logits,
   so it cannot compute DiffusionGemma's experts: this measures its speed at the same FLOPs, not a

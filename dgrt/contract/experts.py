@@ -38,11 +38,13 @@ class ExpertRouting:
 
     def capacity(self, cfg: ModelConfig, tokens: int) -> int:
         """Slots per expert for a graph call over `tokens` tokens (batch x sequence): capacity_factor times
-        the mean load, or the mean plus LOAD_SPREAD standard deviations of a uniform router's load if fewer,
+        the mean load, or the mean plus LOAD_SPREAD standard deviations of a uniform router's load if fewer
+        (so a larger factor stops adding slots there: past it, the runtime follows the loads it sees),
         rounded up to SLOT_MULTIPLE, at most `tokens` (where no expert can overflow)."""
-        share = cfg.top_k_experts / cfg.num_experts  # of the tokens, what one expert gets on average
-        mean = tokens * share
-        slots = min(self.capacity_factor * mean, mean + LOAD_SPREAD * math.sqrt(tokens * share * (1 - share)))
+        k, e = cfg.top_k_experts, cfg.num_experts
+        mean = tokens * k / e
+        variance = tokens * k * (e - k) / e**2  # binomial: each token picks a given expert with chance k / e
+        slots = min(self.capacity_factor * mean, mean + LOAD_SPREAD * math.sqrt(variance))
         return max(1, min(tokens, math.ceil(math.ceil(slots) / SLOT_MULTIPLE) * SLOT_MULTIPLE))
 
     def describe(self) -> str:

@@ -179,8 +179,8 @@ def session_options(manifest: Manifest | None, threads: int | None = None, prepa
     small parallel nodes starts without waking a sleeping thread, and stop as soon as it returns, leaving the
     cores to the Python work between calls (2-core machine, 2026-12-03, against not spinning at all: the
     trained model's step 1.60 -> 1.20 ms at 1 row and 9.9 -> 7.4 ms at 16; 64 requests in the batcher 0.38-0.40
-    -> 0.28-0.32 s; the bench preset's generate 4.16-4.21 -> 3.91-3.96 s. Spinning between calls too had
-    made the batcher slower, 0.50 -> 0.60 s, on 2026-11-30).
+    -> 0.28-0.32 s; the bench preset's generate 4.16-4.21 -> 3.91-3.96 s). Threads that also spin between
+    calls take the core the batcher's Python needs: the same 64 requests took 0.50-0.55 s against 0.32-0.36 s.
 
     An unquantized export's nodes run in the graph's order (priority-based), not ONNX Runtime's default
     depth-first walk back from each output in turn, which computes every head chunk's logits before any
