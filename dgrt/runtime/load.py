@@ -51,10 +51,9 @@ def load(
     (hashed once, then cached by size, mtime and inode); False skips it with a warning. capacity_factor
     (routed MoE): each expert's slots per call as a multiple of its mean load, instead of the export's (more:
     fewer calls run again after an overflow, up to the cap of dgrt.contract.experts.ExpertRouting.capacity;
-    fewer: less work per call). A Hugging Face Hub model id
-    (owner/name) in place of a checkpoint folder is fetched into the Hub cache first (dgrt.hub), at
-    `revision` if given. engines (tensorrt): the engine build to run (EXPORT/engines/<key>), where `dgrt
-    build` made several for this export, TensorRT and GPU.
+    fewer: less work per call). A Hugging Face Hub model id (owner/name) in place of a checkpoint folder is
+    fetched into the Hub cache first (dgrt.hub), at `revision` if given. engines (tensorrt): the engine build
+    to run (EXPORT/engines/<key>), where `dgrt build` made several for this export, TensorRT and GPU.
     """
     from dgrt.hub import is_model_id, resolve
 
