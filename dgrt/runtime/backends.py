@@ -247,8 +247,8 @@ class OnnxRuntimeBackend:
         prepack: bool = False,
     ):
         """prepack: let the denoise session pre-pack its weights for faster GEMMs, at the cost of a private
-        copy of them. Off by default: every session then reads the one memory-mapped weights file, shared
-        (see README, "Memory")."""
+        copy of them and of the default's rounding (tokens may differ). Off by default: every session then
+        reads the one memory-mapped weights file, shared (see README, "Memory")."""
         import onnxruntime as ort
 
         if manifest.dtype == "bf16" and not providers:

@@ -44,7 +44,8 @@ def load(
     tensorrt from engines built by `dgrt build`) or a checkpoint folder in Hugging Face layout (config.json;
     torch only). backend: a name, or a Backend instance of your own to run the loop on (the path then
     gives the tokenizer, the generation config and the model's shapes). threads: CPU threads for the
-    backend. prepack (onnxruntime): pre-pack the denoise graph's weights, a private copy traded for speed.
+    backend. prepack (onnxruntime): pre-pack the denoise graph's weights, a private copy traded for speed (its
+    GEMMs round differently: tokens may differ from the default's).
     providers (onnxruntime): its execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]
     (default CPU). device, dtype (torch): e.g. "cuda" and "bf16" for the GPU path (the denoise step then
     runs as a captured CUDA graph). verify (exports): check weights.bin against the manifest's sha256
