@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     checkpoint_or_id = "or a Hugging Face Hub model id (owner/name)"
 
-    from dgrt.contract.experts import DEFAULT_CAPACITY_FACTOR, FORMULATIONS
+    from dgrt.contract.experts import DEFAULT_CAPACITY_FACTOR, FORMULATIONS, LOAD_SPREAD
     from dgrt.contract.io_spec import DTYPES
     from dgrt.contract.manifest import DEFAULT_PREFILL_CHUNK
     from dgrt.exporter.accuracy import MODES as ACCURACY_MODES
@@ -528,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_CAPACITY_FACTOR,
         help="routed MoE: slots per expert as a multiple of the mean load, tokens x top_k / experts, but never "
-        "more than the mean plus 6 standard deviations of a uniform router's load (few experts or many tokens; "
-        f"default {DEFAULT_CAPACITY_FACTOR})",
+        f"more than the mean plus {LOAD_SPREAD:g} standard deviations of a uniform router's load (few experts or "
+        f"many tokens; default {DEFAULT_CAPACITY_FACTOR})",
     )
     p.add_argument("--debug-logits", action="store_true", help="also output the denoise graph's raw logits")
     p.add_argument("--quant", choices=RECIPES, help="quantize: fp8 (W8A8), int4 (weight-only), int4-experts")
